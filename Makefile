@@ -1,0 +1,26 @@
+# The README's two commands: `make demo` and `make test`. Both install what they
+# need into .venv, idempotently (the install re-runs only when pyproject.toml changes).
+VENV ?= .venv
+PYTHON ?= python3
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+
+.PHONY: venv test lint demo clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+test: venv
+	VENV=$(VENV) scripts/test
+
+lint: venv
+	VENV=$(VENV) scripts/lint
+
+demo: venv
+	VENV=$(VENV) scripts/demo
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

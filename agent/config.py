@@ -1,0 +1,340 @@
+"""Parse and validate the provisioner configuration.
+
+The format is the upstream local-static-provisioner ConfigMap, so existing deployments keep
+working: either a directory with one YAML fragment per key (the ConfigMap mounted as a volume)
+or one YAML file holding the same keys. Everything is validated up front, and every error names
+the key path and the bad value, because a typo in a ConfigMap is the most common way to lose a
+node's volumes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG_PATH = "/etc/provisioner/config"
+DEFAULT_BLOCK_CLEANER = ("/scripts/quick_reset.sh",)
+VOLUME_MODES = ("Filesystem", "Block")
+ACCESS_MODES = ("ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod")
+SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt")
+DEFAULT_RESYNC_SECONDS = 300.0
+
+CLASS_KEYS = (
+    "hostDir",
+    "mountDir",
+    "blockCleanerCommand",
+    "volumeMode",
+    "accessMode",
+    "fsType",
+    "namePattern",
+    "selector",
+)
+TOP_KEYS = (
+    "storageClassMap",
+    "nodeLabelsForPV",
+    "labelsForPV",
+    "setPVOwnerRef",
+    "useNodeNameOnly",
+    "minResyncPeriod",
+    "useJobForCleaning",
+    "jobTolerations",
+    "removeNodeNotReadyTaint",
+    "provisionerNotReadyNodeTaintKey",
+    "useAlphaAPI",
+)
+
+_YAML11_TRUE = {"y", "yes", "true", "on"}
+_YAML11_FALSE = {"n", "no", "false", "off"}
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)$")
+_GO_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_GO_DURATION_UNITS = {
+    "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0,
+}
+
+
+class ConfigError(ValueError):
+    """A configuration problem, located by its key path (e.g. `storageClassMap.fast.volumeMode`)."""
+
+    def __init__(self, key_path: str, value: object, problem: str) -> None:
+        self.key_path = key_path
+        self.value = value
+        self.problem = problem
+        super().__init__(f"{key_path}: {problem} (got {value!r})")
+
+
+@dataclass(frozen=True)
+class ClassConfig:
+    """One entry of `storageClassMap`: where a StorageClass's volumes are discovered."""
+
+    name: str
+    host_dir: str
+    mount_dir: str
+    volume_mode: str = "Filesystem"
+    access_mode: str = "ReadWriteOnce"
+    fs_type: str | None = None
+    name_patterns: tuple[str, ...] = ("*",)
+    block_cleaner_command: tuple[str, ...] = DEFAULT_BLOCK_CLEANER
+    selector: tuple[Mapping[str, Any], ...] = ()
+
+    def matches(self, entry_name: str) -> bool:
+        """Whether an entry of `mount_dir` belongs to this class (`namePattern` globs)."""
+        return any(fnmatch.fnmatchcase(entry_name, p) for p in self.name_patterns)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole provisioner configuration, with upstream defaults applied."""
+
+    classes: tuple[ClassConfig, ...] = ()
+    node_labels_for_pv: tuple[str, ...] = ()
+    labels_for_pv: tuple[tuple[str, str], ...] = ()
+    set_pv_owner_ref: bool = False
+    use_node_name_only: bool = False
+    min_resync_period: float = DEFAULT_RESYNC_SECONDS
+    use_job_for_cleaning: bool = False
+    job_tolerations: tuple[Mapping[str, Any], ...] = ()
+    remove_node_not_ready_taint: bool = False
+    provisioner_not_ready_node_taint_key: str = ""
+    use_alpha_api: bool = False
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    def storage_class(self, name: str) -> ClassConfig | None:
+        return next((c for c in self.classes if c.name == name), None)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read a ConfigMap-style directory or a single YAML file and validate it."""
+    p = Path(path)
+    if p.is_dir():
+        raw: dict[str, Any] = {}
+        for entry in sorted(p.iterdir()):
+            # The kubelet's atomic writer keeps `..data` and timestamped dirs next to the keys.
+            if entry.name.startswith("."):
+                continue
+            if not entry.is_file():
+                continue
+            raw[entry.name] = _load_yaml(entry.read_text(encoding="utf-8"), entry.name)
+        return parse_config(raw)
+    if p.is_file():
+        data = _load_yaml(p.read_text(encoding="utf-8"), str(p))
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(str(p), _short(data), "the file must hold a mapping of config keys")
+        return parse_config(data)
+    raise ConfigError("--config", str(p), "no such file or directory")
+
+
+def parse_config(raw: Mapping[str, Any]) -> Config:
+    """Validate already-parsed config keys (the pure core of `load_config`)."""
+    warnings = [f"{key}: unknown key, ignored" for key in raw if key not in TOP_KEYS]
+    classes_raw = raw.get("storageClassMap") or {}
+    _expect(isinstance(classes_raw, Mapping), "storageClassMap", classes_raw, "must be a mapping")
+    classes = []
+    for name, body in classes_raw.items():
+        cls, cls_warnings = _parse_class(str(name), body)
+        classes.append(cls)
+        warnings.extend(cls_warnings)
+    if not classes:
+        warnings.append("storageClassMap: no storage classes, nothing will be discovered")
+    node_labels = _string_list(raw.get("nodeLabelsForPV"), "nodeLabelsForPV")
+    for i, key in enumerate(node_labels):
+        _check_label_key(key, f"nodeLabelsForPV[{i}]")
+    labels = _labels(raw.get("labelsForPV"), "labelsForPV")
+    tolerations = raw.get("jobTolerations") or []
+    _expect(isinstance(tolerations, list) and all(isinstance(t, Mapping) for t in tolerations),
+            "jobTolerations", tolerations, "must be a list of toleration mappings")
+    taint_key = raw.get("provisionerNotReadyNodeTaintKey") or ""
+    _expect(isinstance(taint_key, str), "provisionerNotReadyNodeTaintKey", taint_key,
+            "must be a string")
+    return Config(
+        classes=tuple(classes),
+        node_labels_for_pv=tuple(node_labels),
+        labels_for_pv=tuple(sorted(labels.items())),
+        set_pv_owner_ref=_bool(raw.get("setPVOwnerRef"), "setPVOwnerRef"),
+        use_node_name_only=_bool(raw.get("useNodeNameOnly"), "useNodeNameOnly"),
+        min_resync_period=_duration(raw.get("minResyncPeriod"), "minResyncPeriod"),
+        use_job_for_cleaning=_bool(raw.get("useJobForCleaning"), "useJobForCleaning"),
+        job_tolerations=tuple(tolerations),
+        remove_node_not_ready_taint=_bool(
+            raw.get("removeNodeNotReadyTaint"), "removeNodeNotReadyTaint"),
+        provisioner_not_ready_node_taint_key=taint_key,
+        use_alpha_api=_bool(raw.get("useAlphaAPI"), "useAlphaAPI"),
+        warnings=tuple(warnings),
+    )
+
+
+def _parse_class(name: str, body: Any) -> tuple[ClassConfig, list[str]]:
+    where = f"storageClassMap.{name}"
+    _expect(bool(_DNS_SUBDOMAIN.match(name)) and len(name) <= 253, where, name,
+            "a StorageClass name must be a lowercase DNS subdomain")
+    _expect(isinstance(body, Mapping), where, _short(body), "must be a mapping")
+    warnings = [f"{where}.{k}: unknown key, ignored" for k in body if k not in CLASS_KEYS]
+
+    host_dir = body.get("hostDir")
+    _expect(isinstance(host_dir, str) and host_dir.startswith("/"), f"{where}.hostDir",
+            host_dir, "required, an absolute path on the host")
+    mount_dir = body.get("mountDir") or host_dir
+    _expect(isinstance(mount_dir, str) and mount_dir.startswith("/"), f"{where}.mountDir",
+            mount_dir, "must be an absolute path in the agent's container")
+
+    volume_mode = body.get("volumeMode") or "Filesystem"
+    _expect(volume_mode in VOLUME_MODES, f"{where}.volumeMode", volume_mode,
+            "unknown volume mode, want Filesystem or Block")
+    access_mode = body.get("accessMode") or "ReadWriteOnce"
+    _expect(access_mode in ACCESS_MODES, f"{where}.accessMode", access_mode,
+            f"unknown access mode, want one of {', '.join(ACCESS_MODES)}")
+    fs_type = body.get("fsType") or None
+    _expect(fs_type is None or isinstance(fs_type, str), f"{where}.fsType", fs_type,
+            "must be a string")
+
+    pattern = body.get("namePattern")
+    pattern = "*" if pattern is None or pattern == "" else pattern
+    _expect(isinstance(pattern, str), f"{where}.namePattern", pattern,
+            "must be a string of comma-separated globs")
+    patterns = tuple(p.strip() for p in pattern.split(",") if p.strip())
+    _expect(bool(patterns), f"{where}.namePattern", pattern, "holds no glob")
+
+    cleaner = body.get("blockCleanerCommand")
+    if cleaner is None:
+        cleaner_cmd = DEFAULT_BLOCK_CLEANER
+    else:
+        _expect(isinstance(cleaner, list) and all(isinstance(a, str) for a in cleaner),
+                f"{where}.blockCleanerCommand", cleaner, "must be a list of strings")
+        _expect(len(cleaner) > 0, f"{where}.blockCleanerCommand", cleaner,
+                "an explicitly empty cleaner command would leave old data on reused disks")
+        cleaner_cmd = tuple(cleaner)
+
+    selector = body.get("selector") or []
+    _expect(isinstance(selector, list), f"{where}.selector", _short(selector),
+            "must be a list of node selector terms")
+    for i, term in enumerate(selector):
+        _check_selector_term(term, f"{where}.selector[{i}]")
+
+    normalized = ClassConfig(
+        name=name,
+        host_dir=_normalize_dir(host_dir),
+        mount_dir=_normalize_dir(mount_dir),
+        volume_mode=volume_mode,
+        access_mode=access_mode,
+        fs_type=fs_type,
+        name_patterns=patterns,
+        block_cleaner_command=cleaner_cmd,
+        selector=tuple(selector),
+    )
+    return normalized, warnings
+
+
+def _check_selector_term(term: Any, where: str) -> None:
+    _expect(isinstance(term, Mapping), where, _short(term), "must be a mapping")
+    unknown = set(term) - {"matchExpressions", "matchFields"}
+    _expect(not unknown, where, sorted(unknown), "want matchExpressions and/or matchFields")
+    _expect(bool(term), where, term, "an empty term matches no node")
+    for kind in ("matchExpressions", "matchFields"):
+        exprs = term.get(kind) or []
+        _expect(isinstance(exprs, list), f"{where}.{kind}", _short(exprs), "must be a list")
+        for j, expr in enumerate(exprs):
+            at = f"{where}.{kind}[{j}]"
+            _expect(isinstance(expr, Mapping), at, _short(expr), "must be a mapping")
+            _expect(isinstance(expr.get("key"), str) and bool(expr.get("key")), f"{at}.key",
+                    expr.get("key"), "required")
+            _expect(expr.get("operator") in SELECTOR_OPERATORS, f"{at}.operator",
+                    expr.get("operator"), f"want one of {', '.join(SELECTOR_OPERATORS)}")
+            values = expr.get("values", [])
+            _expect(isinstance(values, list) and all(isinstance(v, str) for v in values),
+                    f"{at}.values", values, "must be a list of strings")
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(where, text[:40], f"invalid YAML{line}: {problem}") from None
+
+
+def _expect(ok: bool, key_path: str, value: object, problem: str) -> None:
+    if not ok:
+        raise ConfigError(key_path, value, problem)
+
+
+def _bool(value: Any, where: str) -> bool:
+    """YAML 1.1 booleans, also when quoted: a ConfigMap often carries `"true"`."""
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _YAML11_TRUE | _YAML11_FALSE:
+        return value.strip().lower() in _YAML11_TRUE
+    raise ConfigError(where, value, "must be a boolean (true/false, yes/no)")
+
+
+def _duration(value: Any, where: str) -> float:
+    """A Go duration string (`5m0s`) or a number of seconds."""
+    if value is None or value == "":
+        return DEFAULT_RESYNC_SECONDS
+    if isinstance(value, bool):
+        raise ConfigError(where, value, "must be a duration such as 5m or 30s")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if text == "0":
+            return 0.0
+        parts = _GO_DURATION_PART.findall(text)
+        if not parts or "".join(n + u for n, u in parts) != text:
+            raise ConfigError(where, value, "must be a duration such as 5m or 30s")
+        seconds = sum(float(n) * _GO_DURATION_UNITS[u] for n, u in parts)
+    else:
+        raise ConfigError(where, value, "must be a duration such as 5m or 30s")
+    _expect(seconds >= 0, where, value, "must not be negative")
+    return seconds
+
+
+def _string_list(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    _expect(isinstance(value, list) and all(isinstance(v, str) for v in value), where,
+            _short(value), "must be a list of strings")
+    return list(value)
+
+
+def _labels(value: Any, where: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    _expect(isinstance(value, Mapping), where, _short(value), "must be a mapping of labels")
+    labels = {}
+    for key, val in value.items():
+        _check_label_key(str(key), f"{where}.{key}")
+        text = "" if val is None else str(val) if not isinstance(val, bool) else str(val).lower()
+        _expect(len(text) <= 63 and (text == "" or bool(_LABEL_NAME.match(text))),
+                f"{where}.{key}", val, "not a valid label value")
+        labels[str(key)] = text
+    return labels
+
+
+def _check_label_key(key: str, where: str) -> None:
+    prefix, _, name = key.rpartition("/")
+    ok = bool(_LABEL_NAME.match(name)) and len(name) <= 63
+    if prefix:
+        ok = ok and bool(_DNS_SUBDOMAIN.match(prefix)) and len(prefix) <= 253
+    _expect(ok, where, key, "not a valid label key")
+
+
+def _normalize_dir(path: str) -> str:
+    return os.path.normpath(path)
+
+
+def _short(value: object) -> object:
+    text = repr(value)
+    return value if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,168 @@
+"""Config parsing: upstream defaults, YAML 1.1 booleans, and one clear error per mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agent.config import DEFAULT_BLOCK_CLEANER, ConfigError, load_config, parse_config
+
+MINIMAL = {"storageClassMap": {"local-storage": {"hostDir": "/mnt/disks"}}}
+
+
+def test_defaults_follow_upstream() -> None:
+    config = parse_config(MINIMAL)
+    (cls,) = config.classes
+    assert cls.name == "local-storage"
+    assert cls.host_dir == cls.mount_dir == "/mnt/disks"
+    assert cls.volume_mode == "Filesystem"
+    assert cls.access_mode == "ReadWriteOnce"
+    assert cls.name_patterns == ("*",)
+    assert cls.block_cleaner_command == DEFAULT_BLOCK_CLEANER == ("/scripts/quick_reset.sh",)
+    assert cls.fs_type is None and cls.selector == ()
+    assert not config.set_pv_owner_ref and not config.use_node_name_only
+    assert config.min_resync_period == 300.0
+    assert config.warnings == ()
+
+
+def test_all_keys_parsed() -> None:
+    config = parse_config({
+        "storageClassMap": {
+            "fast": {
+                "hostDir": "/mnt/fast/", "mountDir": "/host/mnt/fast",
+                "volumeMode": "Block", "accessMode": "ReadWriteOncePod", "fsType": "xfs",
+                "namePattern": "nvme*, ssd*", "blockCleanerCommand": ["/scripts/shred.sh", "2"],
+                "selector": [{"matchExpressions": [
+                    {"key": "zone", "operator": "In", "values": ["a"]}]}],
+            },
+        },
+        "nodeLabelsForPV": ["topology.kubernetes.io/zone"],
+        "labelsForPV": {"team": "storage", "tier": 1},
+        "setPVOwnerRef": "yes", "useNodeNameOnly": "on", "minResyncPeriod": "1m30s",
+        "useJobForCleaning": True, "jobTolerations": [{"operator": "Exists"}],
+    })
+    cls = config.classes[0]
+    assert (cls.host_dir, cls.mount_dir) == ("/mnt/fast", "/host/mnt/fast")
+    assert cls.name_patterns == ("nvme*", "ssd*")
+    assert cls.matches("nvme0n1") and cls.matches("ssd-a") and not cls.matches("sda")
+    assert cls.block_cleaner_command == ("/scripts/shred.sh", "2")
+    assert config.labels_for_pv == (("team", "storage"), ("tier", "1"))
+    assert config.set_pv_owner_ref and config.use_node_name_only and config.use_job_for_cleaning
+    assert config.min_resync_period == 90.0
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("true", True), ("yes", True), ("Yes", True), ("on", True), ('"true"', True),
+    ('"yes"', True), ("false", False), ("no", False), ("off", False), ('"no"', False),
+])
+def test_yaml11_booleans(tmp_path: Path, text: str, expected: bool) -> None:
+    (tmp_path / "storageClassMap").write_text("local-storage:\n  hostDir: /mnt/disks\n")
+    (tmp_path / "setPVOwnerRef").write_text(text + "\n")
+    assert load_config(tmp_path).set_pv_owner_ref is expected
+
+
+def test_configmap_directory_skips_kubelet_bookkeeping(tmp_path: Path) -> None:
+    data = tmp_path / "..2026_11_26_10_00_00.123"
+    data.mkdir()
+    (data / "storageClassMap").write_text("sc1:\n  hostDir: /mnt/disks\n")
+    (data / "useNodeNameOnly").write_text("true")
+    (tmp_path / "..data").symlink_to(data.name)
+    for key in ("storageClassMap", "useNodeNameOnly"):
+        (tmp_path / key).symlink_to(f"..data/{key}")
+    config = load_config(tmp_path)
+    assert [c.name for c in config.classes] == ["sc1"]
+    assert config.use_node_name_only
+    assert config.warnings == ()
+
+
+def test_single_file_and_unknown_keys_warn(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "storageClassMap:\n  sc1:\n    hostDir: /mnt/disks\n    hostdir: /typo\n"
+        "useAlphaApi: true\n"
+    )
+    config = load_config(path)
+    assert config.warnings == (
+        "useAlphaApi: unknown key, ignored",
+        "storageClassMap.sc1.hostdir: unknown key, ignored",
+    )
+
+
+@pytest.mark.parametrize(("raw", "key_path", "words"), [
+    ({"storageClassMap": {"sc1": {"hostDir": "/d", "volumeMode": "Blok"}}},
+     "storageClassMap.sc1.volumeMode", "unknown volume mode"),
+    ({"storageClassMap": {"sc1": {"hostDir": "/d", "blockCleanerCommand": []}}},
+     "storageClassMap.sc1.blockCleanerCommand", "explicitly empty"),
+    ({"storageClassMap": {"sc1": {"hostDir": "/d", "blockCleanerCommand": "wipe"}}},
+     "storageClassMap.sc1.blockCleanerCommand", "list of strings"),
+    ({"storageClassMap": {"sc1": {"mountDir": "/d"}}},
+     "storageClassMap.sc1.hostDir", "required"),
+    ({"storageClassMap": {"sc1": {"hostDir": "relative/dir"}}},
+     "storageClassMap.sc1.hostDir", "absolute"),
+    ({"storageClassMap": {"Bad_Name": {"hostDir": "/d"}}},
+     "storageClassMap.Bad_Name", "DNS subdomain"),
+    ({"storageClassMap": {"sc1": {"hostDir": "/d", "accessMode": "RWO"}}},
+     "storageClassMap.sc1.accessMode", "unknown access mode"),
+    ({"storageClassMap": {"sc1": {"hostDir": "/d", "namePattern": " , "}}},
+     "storageClassMap.sc1.namePattern", "no glob"),
+    ({"storageClassMap": {"sc1": {"hostDir": "/d", "selector": [
+        {"matchExpressions": [{"key": "k", "operator": "Equals", "values": []}]}]}}},
+     "storageClassMap.sc1.selector[0].matchExpressions[0].operator", "want one of"),
+    ({"storageClassMap": {"sc1": "/mnt/disks"}}, "storageClassMap.sc1", "must be a mapping"),
+    ({"storageClassMap": ["sc1"]}, "storageClassMap", "must be a mapping"),
+    ({"setPVOwnerRef": "maybe"}, "setPVOwnerRef", "must be a boolean"),
+    ({"minResyncPeriod": "five minutes"}, "minResyncPeriod", "duration"),
+    ({"nodeLabelsForPV": "zone"}, "nodeLabelsForPV", "list of strings"),
+    ({"nodeLabelsForPV": ["bad key!"]}, "nodeLabelsForPV[0]", "label key"),
+    ({"labelsForPV": {"team": "a b"}}, "labelsForPV.team", "label value"),
+    ({"jobTolerations": "all"}, "jobTolerations", "toleration"),
+])
+def test_each_error_names_key_path_and_value(
+    raw: dict[str, object], key_path: str, words: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw)
+    assert caught.value.key_path == key_path
+    message = str(caught.value)
+    assert message.startswith(f"{key_path}: ") and words in message
+    assert "got " in message
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "storageClassMap").write_text("sc1:\n  hostDir: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"^storageClassMap: invalid YAML at line \d+"):
+        load_config(tmp_path)
+
+
+def test_missing_path_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "absent")
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    ("5m", 300.0), ("5m0s", 300.0), ("1h", 3600.0), ("250ms", 0.25), (45, 45.0), ("0", 0.0),
+])
+def test_durations(value: object, seconds: float) -> None:
+    assert parse_config({"minResyncPeriod": value}).min_resync_period == seconds
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", ["filesystem.yaml", "block.yaml", "two-classes.yaml",
+                                  "configmap"])
+def test_shipped_examples_load_cleanly(name: str) -> None:
+    config = load_config(REPO / "config" / name)
+    assert config.classes and config.warnings == ()
+
+
+def test_daemonset_configmap_loads_as_mounted(tmp_path: Path) -> None:
+    docs = yaml.safe_load_all((REPO / "daemonset.yaml").read_text())
+    (configmap,) = [d for d in docs if d and d["kind"] == "ConfigMap"]
+    for key, text in configmap["data"].items():
+        (tmp_path / key).write_text(text)
+    config = load_config(tmp_path)
+    assert [c.name for c in config.classes] == ["local-storage"]
+    assert config.classes[0].mount_dir == "/mnt/disks" and config.warnings == ()
