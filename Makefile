@@ -20,7 +20,7 @@ lint: venv
 	VENV=$(VENV) scripts/lint
 
 demo: venv
-	VENV=$(VENV) scripts/demo
+	VENV=$(VENV) scripts/demo-scan
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
