@@ -10,9 +10,11 @@ import argparse
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
@@ -36,6 +38,8 @@ RECLAIM_POLICIES = ("Delete", "Retain", "Recycle")
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.node_name_given = bool(args.node_name)
+    args.node_name = args.node_name or socket.gethostname()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -51,8 +55,58 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     for warning in config.warnings:
         log.warning("config %s: %s", args.config, warning)
-    handler = {"scan": scan}[args.command]
+    handler = {"scan": scan, "run": run}[args.command]
     return handler(args, config)
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    """Keep this node's PVs in line with its disks until SIGTERM."""
+    # Imported here so `scan` works without touching the API client at all.
+    from agent.kube import Kube  # noqa: PLC0415
+    from agent.loop import PassResult, Reconciler  # noqa: PLC0415
+    from agent.metrics import HealthServer, Metrics, stalled_after  # noqa: PLC0415
+
+    if not args.node_name_given:
+        print("localpv-agent: run needs the node name: set MY_NODE_NAME or --node-name",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    metrics = Metrics()
+    try:
+        kube = Kube(args.kubeconfig or None, observe=metrics.observe_request)
+    except Exception as exc:  # the client raises several unrelated types for a bad kubeconfig
+        print(f"localpv-agent: cannot configure the API client: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    resync = args.resync_period if args.resync_period is not None else config.min_resync_period
+
+    def on_pass(result: PassResult, seconds: float) -> None:
+        for mode, count in result.created_by_mode.items():
+            for _ in range(count):
+                metrics.observe_created(mode, seconds)
+
+    reconciler = Reconciler(kube, _host_reader(args), config, args.node_name,
+                            resync_period=resync or 300.0, on_pass=on_pass)
+    server = None
+    if args.listen_address:
+        server = HealthServer(
+            args.listen_address, metrics,
+            healthy=stalled_after(max(60.0, 3 * 5.0), lambda: reconciler.state.heartbeat),
+            ready=lambda: reconciler.state.first_sync_done and reconciler.state.api_ok,
+        )
+        server.start()
+        if args.port_file:
+            Path(args.port_file).write_text(f"{server.port}\n")
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        reconciler.shutdown()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    reconciler.run()
+    if server is not None:
+        server.stop()
+    log.info("stopped")
+    return EXIT_OK
 
 
 def scan(args: argparse.Namespace, config: Config, out: TextIO | None = None) -> int:
@@ -136,8 +190,8 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=env.get("LOCALPV_CONFIG", DEFAULT_CONFIG_PATH),
                         help="ConfigMap directory or YAML file (default: %(default)s)")
-    common.add_argument("--node-name", default=env.get("MY_NODE_NAME") or socket.gethostname(),
-                        help="this Node's name (default: $MY_NODE_NAME, else the host name)")
+    common.add_argument("--node-name", default=env.get("MY_NODE_NAME"),
+                        help="this Node's name (default: $MY_NODE_NAME; scan: else the host name)")
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     host = common.add_argument_group("host paths")
     host.add_argument("--mountinfo", default="/proc/self/mountinfo")
@@ -159,6 +213,16 @@ def _parser() -> argparse.ArgumentParser:
     scan_p.add_argument("--node-uid", default=None, help="the Node's UID, for annotations")
     scan_p.add_argument("--reclaim-policy", choices=RECLAIM_POLICIES, default="Delete")
     scan_p.add_argument("-o", "--output", choices=("yaml", "json", "table"), default="yaml")
+
+    run_p = sub.add_parser("run", parents=[common], help="keep this node's PVs up to date")
+    run_p.add_argument("--kubeconfig", default=env.get("KUBECONFIG"),
+                       help="kubeconfig file (default: $KUBECONFIG, else in-cluster)")
+    run_p.add_argument("--listen-address", default=":8080",
+                       help="address for /metrics, /healthz and /ready; empty to disable")
+    run_p.add_argument("--port-file", default=None,
+                       help="write the bound HTTP port here (useful with port 0)")
+    run_p.add_argument("--resync-period", type=float, default=None,
+                       help="seconds between full resyncs (default: minResyncPeriod, 5m)")
     return parser
 
 

@@ -1,0 +1,221 @@
+"""The only code that talks to the Kubernetes API.
+
+Objects cross this boundary as plain dicts (the API's JSON), never as client models, so the
+pure planner can reason about them and tests can build them by hand. API errors are mapped to
+`ApiError` here; nothing above this module imports `kubernetes`. Every request is counted by
+verb and outcome, for metrics and for the benchmarks that claim the agent is light.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from kubernetes import client, config, watch
+from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
+
+from agent.volumes import NodeInfo
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+PV = dict[str, Any]
+EVENTS_NAMESPACE = "default"  # where the kubelet records events of cluster-scoped objects
+COMPONENT = "localpv-agent"
+
+
+class ApiError(Exception):
+    """A failed API request; `status` is the HTTP status, 0 when the server was not reached."""
+
+    def __init__(self, verb: str, status: int, message: str) -> None:
+        self.verb = verb
+        self.status = status
+        super().__init__(f"{verb}: HTTP {status}: {message}" if status else f"{verb}: {message}")
+
+    @property
+    def conflict(self) -> bool:
+        return self.status == 409
+
+    @property
+    def not_found(self) -> bool:
+        return self.status == 404
+
+    @property
+    def gone(self) -> bool:
+        return self.status == 410
+
+
+class Kube:
+    """A small typed facade over the client, for the handful of calls the agent makes."""
+
+    def __init__(self, kubeconfig: str | None = None, observe: RequestObserver | None = None,
+                 timeout: float = 30.0) -> None:
+        if kubeconfig:
+            api = config.new_client_from_config(config_file=kubeconfig)
+        else:
+            cfg = client.Configuration()
+            config.load_incluster_config(client_configuration=cfg)
+            api = client.ApiClient(cfg)
+        self._core = client.CoreV1Api(api)
+        self._storage = client.StorageV1Api(api)
+        self._timeout = timeout
+        self.requests: Counter[tuple[str, str]] = Counter()  # (verb, "ok" | "error")
+        self._observe = observe
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def get_node(self, name: str) -> NodeInfo:
+        node = self._call("get", lambda: self._core.read_node(
+            name, _preload_content=False, _request_timeout=self._timeout))
+        meta = node["metadata"]
+        return NodeInfo(name=meta["name"], uid=meta["uid"], labels=meta.get("labels") or {})
+
+    def get_pv(self, name: str) -> PV | None:
+        try:
+            return self._call("get", lambda: self._core.read_persistent_volume(
+                name, _preload_content=False, _request_timeout=self._timeout))
+        except ApiError as exc:
+            if exc.not_found:
+                return None
+            raise
+
+    def list_pvs(self, label_selector: str = "", limit: int = 500) -> Iterator[tuple[PV, str]]:
+        """All PVs matching the selector, page by page, each with the list's resourceVersion."""
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"limit": limit, "label_selector": label_selector}
+            if token:
+                kwargs["_continue"] = token
+            page = self._call("list", lambda kw=kwargs: self._core.list_persistent_volume(  # type: ignore[misc]
+                _preload_content=False, _request_timeout=self._timeout, **kw))
+            version = page["metadata"].get("resourceVersion", "")
+            for item in page.get("items") or []:
+                yield item, version
+            token = page["metadata"].get("continue")
+            if not token:
+                return
+
+    def list_pv_snapshot(self, label_selector: str) -> tuple[dict[str, PV], str]:
+        pvs: dict[str, PV] = {}
+        version = ""
+        for pv, page_version in self.list_pvs(label_selector):
+            pvs[pv["metadata"]["name"]] = pv
+            version = page_version
+        if not version:  # an empty list still has a version; fetch it with a tiny page
+            page = self._call("list", lambda: self._core.list_persistent_volume(
+                label_selector=label_selector, limit=1, _preload_content=False,
+                _request_timeout=self._timeout))
+            version = page["metadata"].get("resourceVersion", "")
+        return pvs, version
+
+    def watch_pvs(self, label_selector: str, resource_version: str,
+                  timeout_seconds: int = 300) -> Iterator[tuple[str, PV]]:
+        """Watch events (type, PV) from a version; raises ApiError(410) when it expired."""
+        w = watch.Watch()
+        start = time.monotonic()
+        try:
+            for event in w.stream(
+                self._core.list_persistent_volume, label_selector=label_selector,
+                resource_version=resource_version, timeout_seconds=timeout_seconds,
+                allow_watch_bookmarks=True, deserialize=False,
+                _request_timeout=timeout_seconds + 30,
+            ):
+                yield event["type"], event["object"]
+            self._count("watch", "ok", time.monotonic() - start)
+        except ApiException as exc:
+            self._count("watch", "error", time.monotonic() - start)
+            raise ApiError("watch", exc.status or 0, str(exc.reason)) from None
+        except (HTTPError, OSError) as exc:
+            self._count("watch", "error", time.monotonic() - start)
+            raise ApiError("watch", 0, str(exc)) from None
+        finally:
+            w.stop()
+
+    def get_storage_class(self, name: str) -> dict[str, Any] | None:
+        try:
+            return self._call("get", lambda: self._storage.read_storage_class(
+                name, _preload_content=False, _request_timeout=self._timeout))
+        except ApiError as exc:
+            if exc.not_found:
+                return None
+            raise
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def create_pv(self, manifest: Mapping[str, Any]) -> PV:
+        body: Any = dict(manifest)
+        return self._call("create", lambda: self._core.create_persistent_volume(
+            body, _preload_content=False, _request_timeout=self._timeout))
+
+    def patch_pv_labels(self, name: str, uid: str, labels: Mapping[str, str]) -> PV:
+        """Add labels to a PV, only if it is still the object (UID) that was decided on."""
+        body = {"metadata": {"uid": uid, "labels": dict(labels)}}
+        return self._call("patch", lambda: self._core.patch_persistent_volume(
+            name, body, _preload_content=False, _request_timeout=self._timeout))
+
+    def delete_pv(self, name: str, uid: str, resource_version: str | None = None) -> None:
+        """Delete a PV only if it is still exactly the object that was decided on."""
+        pre = client.V1Preconditions(uid=uid, resource_version=resource_version)
+        self._call("delete", lambda: self._core.delete_persistent_volume(
+            name, body=client.V1DeleteOptions(preconditions=pre),
+            _preload_content=False, _request_timeout=self._timeout))
+
+    def emit_event(self, obj: Mapping[str, str], event_type: str, reason: str, message: str,
+                   host: str) -> None:
+        """A core/v1 Event about a cluster-scoped object (a Node or a PV)."""
+        now = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+        name = f"{obj['name']}.{time.time_ns():x}"
+        body: Any = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": name, "namespace": EVENTS_NAMESPACE},
+            "involvedObject": {**obj, "namespace": ""},
+            "type": event_type,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": COMPONENT, "host": host},
+            "reportingComponent": COMPONENT,
+            "reportingInstance": host,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        self._call("create", lambda: self._core.create_namespaced_event(
+            EVENTS_NAMESPACE, body, _preload_content=False, _request_timeout=self._timeout))
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _call(self, verb: str, request: Callable[[], Any]) -> Any:
+        start = time.monotonic()
+        try:
+            response = request()
+            data = json.loads(response.data or b"{}")
+        except ApiException as exc:
+            self._count(verb, "error", time.monotonic() - start)
+            raise ApiError(verb, exc.status or 0, _api_message(exc)) from None
+        except (HTTPError, OSError, ValueError) as exc:
+            self._count(verb, "error", time.monotonic() - start)
+            raise ApiError(verb, 0, str(exc)) from None
+        self._count(verb, "ok", time.monotonic() - start)
+        return data
+
+    def _count(self, verb: str, outcome: str, seconds: float) -> None:
+        self.requests[(verb, outcome)] += 1
+        if self._observe is not None:
+            self._observe(verb, outcome, seconds)
+
+
+RequestObserver = Callable[[str, str, float], None]
+
+
+def _api_message(exc: ApiException) -> str:
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
+    except (TypeError, ValueError):
+        return str(exc.reason)

@@ -1,0 +1,371 @@
+"""The reconcile loop: observe the host and the API, plan, apply the difference.
+
+Level-driven: every pass recomputes everything from the host and from a watch-fed cache of this
+node's PVs only, so a missed wake-up costs latency, never correctness, and two passes over an
+unchanged host write nothing. Wake-ups (watch events, the periodic resync) only shorten the
+wait. API failures back off exponentially and never end the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.config import Config
+from agent.discovery import Discovery, discover
+from agent.host import HostReader
+from agent.kube import PV, ApiError, Kube
+from agent.plan import (
+    Notice,
+    Plan,
+    exclusion_notices,
+    is_this_nodes,
+    label_selector,
+    local_path,
+    plan,
+)
+from agent.volumes import ClassPolicy, NodeInfo, pv_manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Backoff:
+    """Exponential delay after failures, reset by a success."""
+
+    initial: float = 1.0
+    maximum: float = 60.0
+    failures: int = 0
+
+    def next_delay(self) -> float:
+        self.failures += 1
+        return float(min(self.maximum, self.initial * 2 ** (self.failures - 1)))
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+@dataclass
+class PassResult:
+    discovery: Discovery
+    plan: Plan
+    created_by_mode: dict[str, int] = field(default_factory=dict)
+    adopted: int = 0
+    errors: int = 0
+
+
+@dataclass
+class LoopState:
+    """What health endpoints and metrics read; written only by the loop."""
+
+    heartbeat: float = field(default_factory=time.monotonic)
+    first_sync_done: bool = False
+    api_ok: bool = False
+    last_pass: PassResult | None = None
+    passes: int = 0
+
+
+class PVCache:
+    """This node's PVs, kept current by list + watch on the agent's own labels."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pvs: dict[str, PV] = {}
+        self.version = ""
+
+    def replace(self, pvs: Mapping[str, PV], version: str) -> None:
+        with self._lock:
+            self._pvs = dict(pvs)
+            self.version = version
+
+    def apply(self, event_type: str, pv: PV) -> None:
+        with self._lock:
+            name = pv["metadata"]["name"]
+            if event_type == "DELETED":
+                self._pvs.pop(name, None)
+            elif event_type in ("ADDED", "MODIFIED"):
+                self._pvs[name] = pv
+            self.version = pv["metadata"].get("resourceVersion") or self.version
+
+    def put(self, pv: PV) -> None:
+        self.apply("ADDED", pv)
+
+    def snapshot(self) -> dict[str, PV]:
+        with self._lock:
+            return dict(self._pvs)
+
+
+class Reconciler:
+    """Keeps exactly one PV per discovered volume of one node."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        reader: HostReader,
+        config: Config,
+        node_name: str,
+        resync_period: float = 300.0,
+        debounce: float = 0.2,
+        on_pass: Callable[[PassResult, float], None] | None = None,
+    ) -> None:
+        self.kube = kube
+        self.reader = reader
+        self.config = config
+        self.node_name = node_name
+        self.resync_period = resync_period
+        self.debounce = debounce
+        self.on_pass = on_pass
+        self.node = NodeInfo(name=node_name)
+        self.cache = PVCache()
+        self.state = LoopState()
+        self.stop = threading.Event()
+        self.wake = threading.Event()
+        self._policies: dict[str, ClassPolicy | None] = {}
+        self._emitted: set[str] = set()
+        self._watcher: threading.Thread | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Ask `run` to return; safe from a signal handler."""
+        self.stop.set()
+        self.wake.set()
+
+    def run(self) -> None:
+        """Run until `stop` is set. Startup steps retry with backoff until they succeed."""
+        if not self._retry(self._start):
+            return
+        backoff = Backoff()
+        next_resync = time.monotonic() + self.resync_period
+        while not self.stop.is_set():
+            self.state.heartbeat = time.monotonic()
+            now = time.monotonic()
+            if now >= next_resync:
+                next_resync = now + self.resync_period
+                try:
+                    self.refresh_storage_classes()
+                except ApiError as exc:
+                    log.warning("resync: %s", exc)
+            try:
+                result = self.sync()
+            except ApiError as exc:
+                self.state.api_ok = False
+                delay = backoff.next_delay()
+                log.warning("pass failed, retrying in %.0fs: %s", delay, exc)
+                self._sleep(delay)
+                continue
+            if result.errors:
+                self._sleep(backoff.next_delay())
+                continue
+            backoff.reset()
+            self._wait_until(next_resync)
+
+    def _start(self) -> None:
+        self.node = self.kube.get_node(self.node_name)
+        log.info("serving node %s (uid %s, hostname %s)", self.node.name, self.node.uid,
+                 self.node.hostname_label)
+        self.refresh_storage_classes()
+        self.adopt_upstream_pvs()
+        pvs, version = self.kube.list_pv_snapshot(label_selector(self.node))
+        self.cache.replace(pvs, version)
+        self.state.api_ok = True
+        self._watcher = threading.Thread(target=self._watch_forever, name="pv-watch", daemon=True)
+        self._watcher.start()
+
+    def _retry(self, step: Callable[[], None]) -> bool:
+        backoff = Backoff()
+        while not self.stop.is_set():
+            try:
+                step()
+                return True
+            except ApiError as exc:
+                self.state.api_ok = False
+                delay = backoff.next_delay()
+                log.warning("startup: %s; retrying in %.0fs", exc, delay)
+                self._sleep(delay)
+        return False
+
+    # -- one pass ------------------------------------------------------------------------------
+
+    def sync(self) -> PassResult:
+        """One level-driven pass: host → desired PVs → plan against the cache → apply."""
+        started = time.monotonic()
+        snapshot = self.reader.snapshot(self.config)
+        found = discover(self.config, snapshot)
+        desired = []
+        for volume in found.volumes:
+            policy = self._policies.get(volume.class_name)
+            if policy is None:  # StorageClass missing: that class is disabled
+                continue
+            desired.append(pv_manifest(volume, self.node, self.config, policy))
+        the_plan = plan(desired, self.cache.snapshot(), self.node)
+        result = PassResult(found, the_plan)
+        for adoption in the_plan.adopt:
+            try:
+                self.cache.put(self.kube.patch_pv_labels(adoption.name, adoption.uid,
+                                                         adoption.labels))
+                result.adopted += 1
+                log.info("adopted PV %s: labelled %s", adoption.name, dict(adoption.labels))
+            except ApiError as exc:
+                result.errors += 1
+                log.warning("adopting PV %s: %s", adoption.name, exc)
+        for manifest in the_plan.create:
+            self._create(manifest, result)
+        self._notify(list(the_plan.notices))
+        self._notify(exclusion_notices(found.exclusions, self.node), scope="excluded/")
+        self.state.api_ok = result.errors == 0
+        self.state.first_sync_done = True
+        self.state.last_pass = result
+        self.state.passes += 1
+        if self.on_pass is not None:
+            self.on_pass(result, time.monotonic() - started)
+        return result
+
+    def _create(self, manifest: Mapping[str, Any], result: PassResult) -> None:
+        name, path = manifest["metadata"]["name"], manifest["spec"]["local"]["path"]
+        try:
+            created = self.kube.create_pv(manifest)
+        except ApiError as exc:
+            if exc.conflict:
+                self._resolve_conflict(name, path, result)
+                return
+            result.errors += 1
+            log.warning("creating PV %s for %s: %s", name, path, exc)
+            return
+        self.cache.put(created)
+        mode = manifest["spec"]["volumeMode"]
+        result.created_by_mode[mode] = result.created_by_mode.get(mode, 0) + 1
+        capacity = manifest["spec"]["capacity"]["storage"]
+        log.info("created PV %s for %s (%s, %s)", name, path,
+                 manifest["spec"]["storageClassName"], capacity)
+        self._notify([Notice("PersistentVolume", name, "Normal", "Provisioned",
+                             f"created for {path} on node {self.node.name} ({capacity})",
+                             key=f"created/{name}/{created['metadata'].get('uid', '')}")])
+
+    def _resolve_conflict(self, name: str, path: str, result: PassResult) -> None:
+        """The name exists already: adopt it when it is this node's PV for the same path."""
+        existing = self.kube.get_pv(name)
+        if existing is None:
+            return  # deleted meanwhile; the next pass creates it
+        if is_this_nodes(existing, self.node) and local_path(existing) == path:
+            self.cache.put(existing)
+            log.info("PV %s for %s already exists; adopting it", name, path)
+            return
+        self._notify([Notice("PersistentVolume", name, "Warning", "NameConflict",
+                             f"PV {name} exists but is not this node's PV for {path!r}; "
+                             "leaving it alone", key=f"name-conflict/{name}/{path}")])
+
+    # -- StorageClasses and adoption ------------------------------------------------------------
+
+    def refresh_storage_classes(self) -> None:
+        policies: dict[str, ClassPolicy | None] = {}
+        for cls in self.config.classes:
+            sc = self.kube.get_storage_class(cls.name)
+            if sc is None:
+                policies[cls.name] = None
+                self._notify([Notice(
+                    "Node", self.node.name, "Warning", "StorageClassMissing",
+                    f"StorageClass {cls.name} does not exist; its volumes under "
+                    f"{cls.host_dir} are not offered until it does",
+                    key=f"sc-missing/{cls.name}")])
+                continue
+            self._emitted.discard(f"sc-missing/{cls.name}")
+            policies[cls.name] = ClassPolicy(
+                reclaim_policy=sc.get("reclaimPolicy") or "Delete",
+                mount_options=tuple(sc.get("mountOptions") or ()),
+            )
+        changed = policies != self._policies
+        self._policies = policies
+        if changed:
+            log.info("storage classes: %s", {k: (v.reclaim_policy if v else "missing")
+                                             for k, v in policies.items()})
+
+    def adopt_upstream_pvs(self) -> None:
+        """Once at start: find this node's PVs made by the upstream provisioner (no labels yet).
+
+        Pages through all PVs without keeping them: memory stays flat in the cluster's size.
+        """
+        selector = label_selector(self.node)
+        wanted = dict(kv.split("=", 1) for kv in selector.split(","))
+        for pv, _ in self.kube.list_pvs():
+            labels = pv["metadata"].get("labels") or {}
+            if all(labels.get(k) == v for k, v in wanted.items()):
+                continue
+            if not is_this_nodes(pv, self.node) or pv["metadata"].get("deletionTimestamp"):
+                continue
+            missing = {k: v for k, v in wanted.items() if labels.get(k) != v}
+            self.kube.patch_pv_labels(pv["metadata"]["name"], pv["metadata"]["uid"], missing)
+            log.info("adopted upstream PV %s for %s", pv["metadata"]["name"], local_path(pv))
+
+    # -- watch ---------------------------------------------------------------------------------
+
+    def _watch_forever(self) -> None:
+        backoff = Backoff()
+        selector = label_selector(self.node)
+        while not self.stop.is_set():
+            try:
+                if not self.cache.version:
+                    pvs, version = self.kube.list_pv_snapshot(selector)
+                    self.cache.replace(pvs, version)
+                    self.wake.set()
+                for event_type, pv in self.kube.watch_pvs(selector, self.cache.version):
+                    if self.stop.is_set():
+                        return
+                    if event_type == "BOOKMARK":
+                        self.cache.version = pv["metadata"]["resourceVersion"]
+                        continue
+                    self.cache.apply(event_type, pv)
+                    if event_type == "DELETED":
+                        self.wake.set()
+                backoff.reset()
+            except ApiError as exc:
+                if exc.gone:
+                    log.info("PV watch expired; listing again")
+                    self.cache.version = ""
+                    continue
+                delay = backoff.next_delay()
+                log.warning("PV watch failed, retrying in %.0fs: %s", delay, exc)
+                self._sleep(delay)
+
+    # -- events and waiting --------------------------------------------------------------------
+
+    def _notify(self, notices: list[Notice], scope: str | None = None) -> None:
+        """Emit each notice once. With a scope, `notices` is the complete current set for it:
+        keys of that scope that no longer apply are forgotten, so a recurrence is reported."""
+        if scope is not None:
+            current = {n.key for n in notices}
+            self._emitted = {k for k in self._emitted if not k.startswith(scope) or k in current}
+        for notice in notices:
+            if notice.key in self._emitted:
+                continue
+            ref = {"kind": notice.kind, "name": notice.name, "apiVersion": "v1"}
+            if notice.kind == "Node" and self.node.uid:
+                ref["uid"] = self.node.uid
+            try:
+                self.kube.emit_event(ref, notice.event_type, notice.reason, notice.message,
+                                     self.node.name)
+                self._emitted.add(notice.key)
+            except ApiError as exc:
+                log.warning("event %s on %s %s: %s", notice.reason, notice.kind, notice.name,
+                            exc)
+            if notice.event_type == "Warning":
+                log.warning("%s %s: %s", notice.reason, notice.name, notice.message)
+
+    def _wait_until(self, deadline: float, tick: float = 5.0) -> None:
+        """Sleep until woken, stopped or the deadline, beating the heart every `tick`."""
+        while not self.stop.is_set():
+            self.state.heartbeat = time.monotonic()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            if self.wake.wait(min(remaining, tick)):
+                self.stop.wait(self.debounce)  # coalesce a burst of wake-ups into one pass
+                break
+        self.wake.clear()
+
+    def _sleep(self, seconds: float) -> None:
+        self.stop.wait(seconds)

@@ -1,0 +1,152 @@
+"""Compare the PVs this node should have with the PVs that exist, and decide what to write.
+
+Pure. The invariant it protects: one volume is identified by (node, `local.path`), and there is
+never more than one PV for it, in any phase. So an existing PV of this node for a path, whoever
+made it (this agent, an earlier run, the upstream provisioner), always wins over creating one,
+and nothing here ever decides to modify or delete a PV the agent does not own.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agent.discovery import Exclusion
+from agent.volumes import HOSTNAME_LABEL, MANAGED_BY, MANAGED_BY_LABEL, PROVISIONED_BY, NodeInfo
+
+PV = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Notice:
+    """An Event worth emitting once: `key` deduplicates it across passes."""
+
+    kind: str  # of the involved object: Node or PersistentVolume
+    name: str
+    event_type: str  # Normal or Warning
+    reason: str
+    message: str
+    key: str
+
+
+@dataclass(frozen=True)
+class Adoption:
+    """A PV of this node made by someone else (the upstream provisioner): label it as ours."""
+
+    name: str
+    uid: str
+    labels: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Plan:
+    create: tuple[Mapping[str, Any], ...] = ()
+    adopt: tuple[Adoption, ...] = ()
+    notices: tuple[Notice, ...] = ()
+
+    @property
+    def writes(self) -> int:
+        return len(self.create) + len(self.adopt)
+
+
+def selector_labels(node: NodeInfo) -> dict[str, str]:
+    """The labels every PV of this agent on this node carries; its watch selects on them."""
+    return {MANAGED_BY_LABEL: MANAGED_BY, HOSTNAME_LABEL: node.hostname_label}
+
+
+def label_selector(node: NodeInfo) -> str:
+    return ",".join(f"{k}={v}" for k, v in selector_labels(node).items())
+
+
+def local_path(pv: PV) -> str | None:
+    path = (pv.get("spec") or {}).get("local", {}).get("path")
+    return path if isinstance(path, str) else None
+
+
+def affinity_hostnames(pv: PV) -> set[str]:
+    """Hostnames the PV's required nodeAffinity pins it to (any term)."""
+    required = ((pv.get("spec") or {}).get("nodeAffinity") or {}).get("required") or {}
+    names: set[str] = set()
+    for term in required.get("nodeSelectorTerms") or []:
+        for expr in term.get("matchExpressions") or []:
+            if expr.get("key") == HOSTNAME_LABEL and expr.get("operator") == "In":
+                names.update(expr.get("values") or [])
+    return names
+
+
+def is_this_nodes(pv: PV, node: NodeInfo) -> bool:
+    """Made by a provisioner of this node (by name, not UID: the Node may have been recreated)
+    and pinned to this node. Both checks, since one node's name can prefix another's."""
+    annotation = ((pv.get("metadata") or {}).get("annotations") or {}).get(PROVISIONED_BY, "")
+    prefix = f"local-volume-provisioner-{node.name}"
+    made_here = annotation == prefix or annotation.startswith(prefix + "-")
+    return made_here and node.hostname_label in affinity_hostnames(pv) and bool(local_path(pv))
+
+
+def plan(
+    desired: Sequence[Mapping[str, Any]],
+    actual: Mapping[str, PV],
+    node: NodeInfo,
+) -> Plan:
+    """What to write so every desired volume has exactly one PV."""
+    ours = [pv for pv in actual.values() if is_this_nodes(pv, node)]
+    by_path: dict[str, list[PV]] = defaultdict(list)
+    for pv in ours:
+        by_path[local_path(pv) or ""].append(pv)
+
+    creates: list[Mapping[str, Any]] = []
+    adoptions: list[Adoption] = []
+    notices: list[Notice] = list(_duplicate_notices(by_path))
+    wanted_labels = selector_labels(node)
+    for manifest in desired:
+        path = manifest["spec"]["local"]["path"]
+        existing = by_path.get(path)
+        if existing:
+            adoptions.extend(_adoptions(existing, wanted_labels))
+            continue
+        name = manifest["metadata"]["name"]
+        if name in actual:
+            other = actual[name]
+            notices.append(Notice(
+                "PersistentVolume", name, "Warning", "NameConflict",
+                f"PV {name} exists for path {local_path(other)!r} on another node or owner; "
+                f"not creating it for {path!r}", key=f"name-conflict/{name}/{path}"))
+            continue
+        creates.append(manifest)
+    return Plan(tuple(creates), tuple(adoptions), tuple(notices))
+
+
+def exclusion_notices(exclusions: Iterable[Exclusion], node: NodeInfo) -> list[Notice]:
+    """One Warning on the Node per excluded entry and reason."""
+    return [
+        Notice("Node", node.name, "Warning", "VolumeExcluded",
+               f"{e.class_name}: {e.path}: {e.reason.value}: {e.detail}",
+               key=f"excluded/{e.class_name}/{e.entry_name}/{e.reason.value}")
+        for e in exclusions
+    ]
+
+
+def _adoptions(existing: Iterable[PV], wanted: Mapping[str, str]) -> list[Adoption]:
+    found = []
+    for pv in existing:
+        meta = pv.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        if meta.get("deletionTimestamp"):
+            continue
+        missing = {k: v for k, v in wanted.items() if labels.get(k) != v}
+        if missing:
+            found.append(Adoption(meta["name"], meta.get("uid", ""), missing))
+    return found
+
+
+def _duplicate_notices(by_path: Mapping[str, Sequence[PV]]) -> Iterable[Notice]:
+    for path, pvs in sorted(by_path.items()):
+        if len(pvs) > 1:
+            names = sorted(pv["metadata"]["name"] for pv in pvs)
+            for name in names:
+                yield Notice("PersistentVolume", name, "Warning", "DuplicateVolume",
+                             f"{len(pvs)} PVs for one volume at {path!r}: {', '.join(names)}; "
+                             "none is deleted automatically",
+                             key=f"duplicate/{path}/{','.join(names)}")
