@@ -1,0 +1,134 @@
+"""Agents as real processes against the test control plane, and helpers to read the API."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from tests.harness.controlplane import ControlPlane
+
+REPO = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+
+def write_token_kubeconfig(cluster: ControlPlane, path: Path,
+                           account: str = "localpv-agent", namespace: str = "localpv-agent") -> Path:
+    """Ask the TokenRequest API for a ServiceAccount token and wrap it in a kubeconfig."""
+    token = cluster.kubectl("create", "token", account, "-n", namespace,
+                            "--duration=6h").stdout.strip()
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "agent",
+        "clusters": [{"name": "test", "cluster": {
+            "server": cluster.server, "certificate-authority": str(cluster.ca_file)}}],
+        "users": [{"name": account, "user": {"token": token}}],
+        "contexts": [{"name": "agent", "context": {"cluster": "test", "user": account}}],
+    }))
+    return path
+
+
+class Agent:
+    """`localpv-agent run` for one node, logging to a file, with a random HTTP port."""
+
+    def __init__(self, node: str, config: Path, kubeconfig: Path, workdir: Path,
+                 *extra: str) -> None:
+        self.node = node
+        self.config = config
+        self.kubeconfig = kubeconfig
+        self.workdir = workdir
+        self.extra = extra
+        self.log_path = workdir / f"agent-{node}-{time.monotonic_ns()}.log"
+        self.port_file = workdir / f"agent-{node}.port"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Agent:
+        self.port_file.unlink(missing_ok=True)
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent.cli", "run", "--config", str(self.config),
+                 "--node-name", self.node, "--kubeconfig", str(self.kubeconfig),
+                 "--listen-address", "127.0.0.1:0", "--port-file", str(self.port_file),
+                 "--resync-period", "3600", *self.extra],
+                stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                env={k: v for k, v in os.environ.items() if k != "MY_NODE_NAME"},
+            )
+        return self
+
+    @property
+    def port(self) -> int:
+        return int(wait_for(lambda: self.port_file.exists() and self.port_file.read_text(),
+                            10, f"agent {self.node} HTTP port"))
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        wait_for(lambda: self.get("/ready")[0] == 200, timeout, f"agent {self.node} ready",
+                 on_timeout=self.log)
+
+    def stop(self) -> float:
+        """SIGTERM, and how long the agent took to exit."""
+        assert self.proc is not None
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        return time.monotonic() - started
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def wait_for(check: Callable[[], T], timeout: float, what: str,
+             on_timeout: Callable[[], str] | None = None, interval: float = 0.2) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            extra = f"\n{on_timeout()}" if on_timeout else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
+        time.sleep(interval)
+
+
+def items(cluster: ControlPlane, path: str) -> list[dict[str, Any]]:
+    status, body = cluster.api("GET", path)
+    assert status == 200, body
+    return list(body.get("items") or [])
+
+
+def pvs_of(cluster: ControlPlane, node: str) -> list[dict[str, Any]]:
+    """PVs whose nodeAffinity pins them to `node` (by hostname label value)."""
+    found = []
+    for pv in items(cluster, "/api/v1/persistentvolumes"):
+        terms = pv["spec"].get("nodeAffinity", {}).get("required", {}).get("nodeSelectorTerms", [])
+        values = {v for t in terms for e in t.get("matchExpressions", []) for v in e["values"]}
+        if node in values:
+            found.append(pv)
+    return found
+
+
+def events_for(cluster: ControlPlane, kind: str, name: str) -> list[dict[str, Any]]:
+    return [e for e in items(cluster, "/api/v1/events")
+            if e["involvedObject"].get("kind") == kind and e["involvedObject"]["name"] == name]
