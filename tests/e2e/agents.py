@@ -20,8 +20,8 @@ REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
 
-def write_token_kubeconfig(cluster: ControlPlane, path: Path,
-                           account: str = "localpv-agent", namespace: str = "localpv-agent") -> Path:
+def write_token_kubeconfig(cluster: ControlPlane, path: Path, account: str = "localpv-agent",
+                           namespace: str = "localpv-agent") -> Path:
     """Ask the TokenRequest API for a ServiceAccount token and wrap it in a kubeconfig."""
     token = cluster.kubectl("create", "token", account, "-n", namespace,
                             "--duration=6h").stdout.strip()

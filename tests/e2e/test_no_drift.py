@@ -86,7 +86,7 @@ def test_each_agent_creates_exactly_its_nodes_pvs(
             assert pv["spec"]["capacity"]["storage"] == f"{nd.entries[entry] >> 20}Mi"
             assert pv["spec"]["storageClassName"] == CLASS
             assert pv["metadata"]["labels"]["kubernetes.io/hostname"] == node
-            status, node_obj = cluster.api("GET", f"/api/v1/nodes/{node}")
+            _, node_obj = cluster.api("GET", f"/api/v1/nodes/{node}")
             assert pv["metadata"]["annotations"]["pv.kubernetes.io/provisioned-by"] == \
                 f"local-volume-provisioner-{node}-{node_obj['metadata']['uid']}"
     assert len(items(cluster, "/api/v1/persistentvolumes")) == 6
