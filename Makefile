@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: venv test lint demo clean
+.PHONY: venv test lint demo demo-scan clean
 
 venv: $(STAMP)
 
@@ -20,6 +20,10 @@ lint: venv
 	VENV=$(VENV) scripts/lint
 
 demo: venv
+	$(VENV)/bin/python scripts/demo
+
+# The same discovery without a cluster: what `localpv-agent scan` sees on three loop devices.
+demo-scan: venv
 	VENV=$(VENV) scripts/demo-scan
 
 clean:
