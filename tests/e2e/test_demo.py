@@ -6,13 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.disks import sh
-from tests.harness.controlplane import ControlPlane
+from tests.conftest import require
+from tests.disks import can_make_disks, sh
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_demo_shows_pods_returning_to_their_nodes(bin_dir: Path, cluster: ControlPlane) -> None:
+def test_demo_shows_pods_returning_to_their_nodes(bin_dir: Path) -> None:
+    ok, why = can_make_disks()
+    require(ok, why)
     loops_before = sh("losetup", "--list", "--noheadings", "--output", "NAME")
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "demo")],
                             capture_output=True, text=True, timeout=600, check=False)
