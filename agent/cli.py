@@ -45,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # The agent retries with its own backoff and logs each failure once.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         server = HealthServer(
             args.listen_address, metrics,
             healthy=stalled_after(max(60.0, 3 * 5.0), lambda: reconciler.state.heartbeat),
-            ready=lambda: reconciler.state.first_sync_done and reconciler.state.api_ok,
+            ready=lambda: reconciler.state.first_sync_done and kube.reachable,
         )
         server.start()
         if args.port_file:

@@ -66,6 +66,7 @@ class Kube:
         self._storage = client.StorageV1Api(api)
         self._timeout = timeout
         self.requests: Counter[tuple[str, str]] = Counter()  # (verb, "ok" | "error")
+        self.reachable = False  # did the last request get an answer from a healthy server?
         self._observe = observe
 
     # -- reads ---------------------------------------------------------------------------------
@@ -129,10 +130,10 @@ class Kube:
                 yield event["type"], event["object"]
             self._count("watch", "ok", time.monotonic() - start)
         except ApiException as exc:
-            self._count("watch", "error", time.monotonic() - start)
+            self._count("watch", "error", time.monotonic() - start, exc.status or 0)
             raise ApiError("watch", exc.status or 0, str(exc.reason)) from None
         except (HTTPError, OSError) as exc:
-            self._count("watch", "error", time.monotonic() - start)
+            self._count("watch", "error", time.monotonic() - start, 0)
             raise ApiError("watch", 0, str(exc)) from None
         finally:
             w.stop()
@@ -197,16 +198,17 @@ class Kube:
             response = request()
             data = json.loads(response.data or b"{}")
         except ApiException as exc:
-            self._count(verb, "error", time.monotonic() - start)
+            self._count(verb, "error", time.monotonic() - start, exc.status or 0)
             raise ApiError(verb, exc.status or 0, _api_message(exc)) from None
         except (HTTPError, OSError, ValueError) as exc:
-            self._count(verb, "error", time.monotonic() - start)
+            self._count(verb, "error", time.monotonic() - start, 0)
             raise ApiError(verb, 0, str(exc)) from None
         self._count(verb, "ok", time.monotonic() - start)
         return data
 
-    def _count(self, verb: str, outcome: str, seconds: float) -> None:
+    def _count(self, verb: str, outcome: str, seconds: float, status: int = 200) -> None:
         self.requests[(verb, outcome)] += 1
+        self.reachable = 0 < status < 500
         if self._observe is not None:
             self._observe(verb, outcome, seconds)
 

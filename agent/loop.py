@@ -28,7 +28,7 @@ from agent.plan import (
     local_path,
     plan,
 )
-from agent.volumes import ClassPolicy, NodeInfo, pv_manifest
+from agent.volumes import MANAGED_BY_LABEL, ClassPolicy, NodeInfo, pv_manifest
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,6 @@ class LoopState:
 
     heartbeat: float = field(default_factory=time.monotonic)
     first_sync_done: bool = False
-    api_ok: bool = False
     last_pass: PassResult | None = None
     passes: int = 0
 
@@ -152,14 +151,15 @@ class Reconciler:
                     log.warning("resync: %s", exc)
             try:
                 result = self.sync()
-            except ApiError as exc:
-                self.state.api_ok = False
+            except (ApiError, OSError) as exc:
                 delay = backoff.next_delay()
                 log.warning("pass failed, retrying in %.0fs: %s", delay, exc)
                 self._sleep(delay)
                 continue
             if result.errors:
-                self._sleep(backoff.next_delay())
+                delay = backoff.next_delay()
+                log.warning("%d API writes failed, retrying in %.0fs", result.errors, delay)
+                self._sleep(delay)
                 continue
             backoff.reset()
             self._wait_until(next_resync)
@@ -172,7 +172,6 @@ class Reconciler:
         self.adopt_upstream_pvs()
         pvs, version = self.kube.list_pv_snapshot(label_selector(self.node))
         self.cache.replace(pvs, version)
-        self.state.api_ok = True
         self._watcher = threading.Thread(target=self._watch_forever, name="pv-watch", daemon=True)
         self._watcher.start()
 
@@ -183,7 +182,6 @@ class Reconciler:
                 step()
                 return True
             except ApiError as exc:
-                self.state.api_ok = False
                 delay = backoff.next_delay()
                 log.warning("startup: %s; retrying in %.0fs", exc, delay)
                 self._sleep(delay)
@@ -217,7 +215,6 @@ class Reconciler:
             self._create(manifest, result)
         self._notify(list(the_plan.notices))
         self._notify(exclusion_notices(found.exclusions, self.node), scope="excluded/")
-        self.state.api_ok = result.errors == 0
         self.state.first_sync_done = True
         self.state.last_pass = result
         self.state.passes += 1
@@ -287,11 +284,12 @@ class Reconciler:
     def adopt_upstream_pvs(self) -> None:
         """Once at start: find this node's PVs made by the upstream provisioner (no labels yet).
 
-        Pages through all PVs without keeping them: memory stays flat in the cluster's size.
+        Only PVs without the agent's label are listed, page by page and not kept: once a cluster
+        is migrated this lists nothing, and memory stays flat in the cluster's size.
         """
         selector = label_selector(self.node)
         wanted = dict(kv.split("=", 1) for kv in selector.split(","))
-        for pv, _ in self.kube.list_pvs():
+        for pv, _ in self.kube.list_pvs(f"!{MANAGED_BY_LABEL}", limit=250):
             labels = pv["metadata"].get("labels") or {}
             if all(labels.get(k) == v for k, v in wanted.items()):
                 continue
@@ -328,8 +326,13 @@ class Reconciler:
                     self.cache.version = ""
                     continue
                 delay = backoff.next_delay()
-                log.warning("PV watch failed, retrying in %.0fs: %s", delay, exc)
+                log.warning("PV watch failed, retrying in %.0fs with a fresh list: %s", delay, exc)
+                self.cache.version = ""  # the relist also proves the API is back
                 self._sleep(delay)
+            except Exception:  # the cache must not silently go stale: log, relist, go on
+                log.exception("PV watch crashed; listing again")
+                self.cache.version = ""
+                self._sleep(backoff.next_delay())
 
     # -- events and waiting --------------------------------------------------------------------
 

@@ -1,0 +1,65 @@
+"""API outages: the agent backs off, stays alive, reports not-ready, and recovers by itself."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+from agent.volumes import pv_name
+from tests.disks import disks
+from tests.e2e.agents import Agent, pvs_of, wait_for
+from tests.e2e.proxy import Proxy
+from tests.harness.controlplane import ControlPlane
+
+
+@pytest.fixture
+def proxy(cluster: ControlPlane) -> Iterator[Proxy]:
+    url = urlparse(cluster.server)
+    p = Proxy(url.hostname or "127.0.0.1", url.port or 443)
+    yield p
+    p.close()
+
+
+def test_api_outage_is_survived_and_new_disks_land_after_it(
+    cluster: ControlPlane, agent_kubeconfig: Path, proxy: Proxy, tmp_path: Path
+) -> None:
+    kubeconfig = yaml.safe_load(agent_kubeconfig.read_text())
+    kubeconfig["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{proxy.port}"
+    through_proxy = tmp_path / "proxy.kubeconfig"
+    through_proxy.write_text(yaml.safe_dump(kubeconfig))
+    cluster.add_node("node-outage")
+    with disks(tmp_path) as d:
+        d.tmpfs(tmp_path / "disks" / "before")
+        config = tmp_path / "config.yaml"
+        config.write_text(yaml.safe_dump({"storageClassMap": {"local-storage": {
+            "hostDir": "/mnt/disks", "mountDir": str(tmp_path / "disks")}}}))
+        agent = Agent("node-outage", config, through_proxy, tmp_path,
+                      "--resync-period", "1").start()
+        try:
+            agent.wait_ready()
+            wait_for(lambda: len(pvs_of(cluster, "node-outage")) == 1, 30, "first PV")
+
+            proxy.cut()
+            wait_for(lambda: agent.get("/ready")[0] == 503, 30, "not ready during the outage",
+                     on_timeout=agent.log)
+            d.tmpfs(tmp_path / "disks" / "during")
+            time.sleep(3)  # several failing passes, backing off
+            assert agent.proc is not None and agent.proc.poll() is None, agent.log()
+            assert agent.get("/healthz")[0] == 200  # alive, just cut off
+
+            proxy.restore()
+            agent.wait_ready(timeout=90)
+            names = wait_for(lambda: len(p := pvs_of(cluster, "node-outage")) == 2 and p, 90,
+                             "the disk added during the outage", on_timeout=agent.log)
+            assert {pv["metadata"]["name"] for pv in names} == {
+                pv_name("before", "node-outage", "local-storage"),
+                pv_name("during", "node-outage", "local-storage"),
+            }
+            assert "retrying in" in agent.log()
+        finally:
+            assert agent.stop() < 5
