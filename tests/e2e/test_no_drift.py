@@ -133,10 +133,18 @@ def placement(cluster: ControlPlane) -> dict[str, tuple[str, str, str]]:
     return result
 
 
+@pytest.fixture
+def statefulset(cluster: ControlPlane) -> Iterator[None]:
+    manifests = yaml.safe_dump_all(statefulset_manifests())
+    cluster.kubectl("apply", "-f", "-", input=manifests)
+    yield
+    cluster.kubectl("delete", "-f", "-", "--wait=true", input=manifests)
+    cluster.kubectl("delete", "pvc", "-l", f"app={STS}", "--wait=false", check=False)
+
+
 def test_statefulset_pods_never_drift_from_their_data(
-    cluster: ControlPlane, agents: dict[str, Agent]
+    cluster: ControlPlane, agents: dict[str, Agent], statefulset: None
 ) -> None:
-    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(statefulset_manifests()))
     first = wait_for(lambda: len(p := placement(cluster)) == 3 and p, 90,
                      "3 StatefulSet pods running with bound claims")
     pv_nodes = {pv["metadata"]["name"]: pv["metadata"]["labels"]["kubernetes.io/hostname"]
