@@ -72,7 +72,7 @@ def test_agent_token_may_do_what_it_needs(
 @pytest.mark.parametrize(("verb", "resource"), [
     ("list", "secrets"), ("delete", "nodes"), ("update", "nodes"), ("create", "pods"),
     ("delete", "persistentvolumeclaims"), ("create", "storageclasses.storage.k8s.io"),
-    ("list", "nodes"),
+    ("list", "nodes"), ("list", "storageclasses.storage.k8s.io"), ("update", "events"),
 ])
 def test_agent_token_is_refused_everything_else(
     cluster: ControlPlane, agent_kubeconfig: Path, verb: str, resource: str
