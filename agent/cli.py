@@ -13,9 +13,10 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import yaml
 
@@ -26,9 +27,15 @@ from agent.volumes import (
     ClassPolicy,
     NodeInfo,
     format_quantity,
+    identity_from_annotations,
     pv_manifest,
     round_capacity,
 )
+
+if TYPE_CHECKING:  # the run-only modules load lazily, so `scan` stays light
+    from agent.kube import Kube
+    from agent.loop import Reconciler
+    from agent.metrics import AgentSample
 
 log = logging.getLogger("localpv-agent")
 
@@ -67,6 +74,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
     from agent.kube import Kube  # noqa: PLC0415
     from agent.loop import PassResult, Reconciler  # noqa: PLC0415
     from agent.metrics import HealthServer, Metrics, stalled_after  # noqa: PLC0415
+    from agent.sources import InotifySource, MountTableSource  # noqa: PLC0415
+    from agent.udev import UdevSource  # noqa: PLC0415
 
     if not args.node_name_given:
         print("localpv-agent: run needs the node name: set MY_NODE_NAME or --node-name",
@@ -81,12 +90,32 @@ def run(args: argparse.Namespace, config: Config) -> int:
     resync = args.resync_period if args.resync_period is not None else config.min_resync_period
 
     def on_pass(result: PassResult, seconds: float) -> None:
+        metrics.pass_duration.observe(seconds)
         for mode, count in result.created_by_mode.items():
             for _ in range(count):
                 metrics.observe_created(mode, seconds)
+                if result.woken_at is not None:
+                    metrics.event_to_pv.observe(time.monotonic() - result.woken_at)
 
+    poll = args.discovery_mode == "poll"
     reconciler = Reconciler(kube, _host_reader(args), config, args.node_name,
-                            resync_period=resync or 300.0, on_pass=on_pass)
+                            resync_period=resync or 300.0, on_pass=on_pass,
+                            poll_period=args.discovery_period if poll else None,
+                            withdraw_missing=args.withdraw_missing)
+    metrics.watch_state(lambda: sample_state(reconciler, kube))
+    if not poll:
+        waker, stop = reconciler.waker, reconciler.stop
+        sources = [
+            UdevSource(waker, stop, receive_buffer=args.udev_buffer_size),
+            MountTableSource(waker, stop, args.mountinfo),
+            InotifySource(waker, stop, lambda: [os.path.realpath(c.mount_dir)
+                                                for c in reconciler.config.classes]),
+        ]
+        active = [s.name for s in sources if s.start()]
+        log.info("discovery: events from %s, plus a full resync every %gs",
+                 ", ".join(active) or "no source", reconciler.resync_period)
+    else:
+        log.info("discovery: polling every %gs", args.discovery_period)
     server = None
     if args.listen_address:
         server = HealthServer(
@@ -143,6 +172,40 @@ def scan(args: argparse.Namespace, config: Config, out: TextIO | None = None) ->
     for cls_name, error in sorted(snapshot.dir_errors.items()):
         print(f"localpv-agent: class {cls_name}: {error}", file=sys.stderr)
     return EXIT_UNREADABLE_DIR if snapshot.dir_errors else EXIT_OK
+
+
+def sample_state(reconciler: Reconciler, kube: Kube) -> AgentSample:
+    """What the state metrics show, read from the loop at scrape time."""
+    from agent.metrics import AgentSample, VolumeSample  # noqa: PLC0415
+    from agent.plan import is_this_nodes, local_path  # noqa: PLC0415
+
+    last = reconciler.state.last_pass
+    missing = set(last.plan.missing) if last else set()
+    volumes = []
+    for name, pv in sorted(reconciler.cache.snapshot().items()):
+        if not is_this_nodes(pv, reconciler.node):
+            continue
+        phase = ((pv.get("status") or {}).get("phase") or "pending").lower()
+        annotations = pv["metadata"].get("annotations") or {}
+        volumes.append(VolumeSample(
+            name=name, class_name=pv["spec"].get("storageClassName", ""),
+            mode=pv["spec"].get("volumeMode", "Filesystem"),
+            state="missing" if name in missing else phase, path=local_path(pv) or "",
+            identity=identity_from_annotations(annotations)))
+    offered: dict[tuple[str, str], int] = {}
+    excluded: dict[tuple[str, str], int] = {}
+    if last is not None:
+        for v in last.discovery.volumes:
+            key = (v.class_name, v.volume_mode)
+            offered[key] = offered.get(key, 0) + round_capacity(v.capacity_bytes)
+        for e in last.discovery.exclusions:
+            key = (e.class_name, e.reason.value)
+            excluded[key] = excluded.get(key, 0) + 1
+    waker = reconciler.waker
+    return AgentSample(
+        volumes=volumes, offered=offered, excluded=excluded, wakeups=dict(waker.wakeups),
+        source_failures=dict(waker.failures), sources_active=dict(waker.active),
+        api_requests=dict(kube.requests))
 
 
 def render_table(found: Discovery, manifests: Sequence[dict[str, Any]]) -> str:
@@ -225,6 +288,15 @@ def _parser() -> argparse.ArgumentParser:
                        help="write the bound HTTP port here (useful with port 0)")
     run_p.add_argument("--resync-period", type=float, default=None,
                        help="seconds between full resyncs (default: minResyncPeriod, 5m)")
+    run_p.add_argument("--discovery-mode", choices=("events", "poll"), default="events",
+                       help="react to udev, mount table and directory events (default), or "
+                            "poll like the upstream provisioner")
+    run_p.add_argument("--discovery-period", type=float, default=10.0,
+                       help="seconds between passes in poll mode (default: %(default)s)")
+    run_p.add_argument("--withdraw-missing", action=argparse.BooleanOptionalAction,
+                       default=True,
+                       help="delete an unbound PV whose disk is gone (default: on)")
+    run_p.add_argument("--udev-buffer-size", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 

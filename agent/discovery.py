@@ -123,11 +123,57 @@ class Discovery:
     exclusions: tuple[Exclusion, ...]
 
 
-def discover(config: Config, host: HostSnapshot) -> Discovery:
+class VolumeState(StrEnum):
+    PRESENT = "present"
+    GONE = "gone"  # the entry is definitely no longer a volume
+    UNKNOWN = "unknown"  # cannot tell now (unreadable dir, hung disk, class not configured)
+
+
+# Exclusions that mean "the disk is not there": an unmounted directory, a dangling link.
+GONE_REASONS = frozenset({Reason.NOT_MOUNT_POINT, Reason.BROKEN_SYMLINK})
+
+
+class HostView:
+    """Answers, for an existing PV's class and path, whether its volume is still on the host.
+
+    Conservative: only an entry missing from a directory that was read, or one that became a
+    plain directory or a dangling link, is GONE. Anything uncertain is UNKNOWN, and nothing is
+    ever withdrawn on UNKNOWN.
+    """
+
+    def __init__(self, config: Config, host: HostSnapshot, found: Discovery) -> None:
+        self._config = config
+        self._host = host
+        self._volumes = {(v.class_name, v.entry_name): v for v in found.volumes}
+        self._excluded = {(e.class_name, e.entry_name): e.reason for e in found.exclusions}
+        self._listed = {c: {f.name for f in facts} for c, facts in host.entries.items()}
+
+    def state(self, class_name: str, host_path: str) -> tuple[VolumeState, Mapping[str, str]]:
+        cls = self._config.storage_class(class_name)
+        if cls is None or class_name in self._host.dir_errors or class_name not in self._listed:
+            return VolumeState.UNKNOWN, {}
+        parent, entry = posixpath.split(host_path)
+        if parent != cls.host_dir or not cls.matches(entry):
+            return VolumeState.UNKNOWN, {}
+        volume = self._volumes.get((class_name, entry))
+        if volume is not None:
+            return VolumeState.PRESENT, volume.identity
+        reason = self._excluded.get((class_name, entry))
+        if reason is not None:
+            return (VolumeState.GONE if reason in GONE_REASONS else VolumeState.UNKNOWN), {}
+        if entry not in self._listed[class_name]:
+            return VolumeState.GONE, {}
+        return VolumeState.UNKNOWN, {}
+
+
+def discover(
+    config: Config, host: HostSnapshot, keep: frozenset[str] = frozenset()
+) -> Discovery:
     """Classify every entry of every class, then enforce one disk → one PV across all classes.
 
-    Entries are considered in (class, entry name) order, so the same host gives the same
-    answer on every pass and on every restart.
+    When two entries reach one disk, an entry whose host path already has a PV (`keep`) wins,
+    then the first in (class, entry name) order: the same host gives the same answer on every
+    pass and restart, and a new alias never takes a disk away from its PV.
     """
     mounts = host.mounts
     mount_dirs = [host.real_dirs.get(c.name, c.mount_dir) for c in config.classes]
@@ -137,25 +183,28 @@ def discover(config: Config, host: HostSnapshot) -> Discovery:
     }
     volumes: list[Volume] = []
     exclusions: list[Exclusion] = []
-    claimed: list[tuple[str, str, str]] = []  # (device, fs root, "class/entry")
+    claimed: dict[str, list[tuple[str, str]]] = {}  # device -> [(fs root, "class/entry")]
 
-    for cls in sorted(config.classes, key=lambda c: c.name):
-        for facts in sorted(host.entries.get(cls.name, ()), key=lambda e: e.name):
-            if not cls.matches(facts.name):
-                continue
-            outcome = _classify(cls, facts, mounts_at, mounts, system_devices, mount_dirs)
-            if isinstance(outcome, Exclusion):
-                exclusions.append(outcome)
-                continue
-            volume, fs_root = outcome
-            clash = _overlapping_claim(claimed, volume.device, fs_root)
-            if clash is not None:
-                exclusions.append(_exclude(
-                    cls, facts, Reason.DUPLICATE,
-                    f"same disk as {clash} (device {volume.device}); one disk gets one PV"))
-                continue
-            claimed.append((volume.device, fs_root, f"{cls.name}/{facts.name}"))
-            volumes.append(volume)
+    ordered = sorted(
+        ((cls, facts) for cls in config.classes for facts in host.entries.get(cls.name, ())),
+        key=lambda cf: (host_path(cf[0], cf[1].name) not in keep, cf[0].name, cf[1].name),
+    )
+    for cls, facts in ordered:
+        if not cls.matches(facts.name):
+            continue
+        outcome = _classify(cls, facts, mounts_at, mounts, system_devices, mount_dirs)
+        if isinstance(outcome, Exclusion):
+            exclusions.append(outcome)
+            continue
+        volume, fs_root = outcome
+        clash = _overlapping_claim(claimed, volume.device, fs_root)
+        if clash is not None:
+            exclusions.append(_exclude(
+                cls, facts, Reason.DUPLICATE,
+                f"same disk as {clash} (device {volume.device}); one disk gets one PV"))
+            continue
+        claimed.setdefault(volume.device, []).append((fs_root, f"{cls.name}/{facts.name}"))
+        volumes.append(volume)
     return Discovery(tuple(volumes), tuple(exclusions))
 
 
@@ -271,17 +320,15 @@ def _classify_block(
 
 
 def _overlapping_claim(
-    claimed: Iterable[tuple[str, str, str]], device: str, fs_root: str
+    claimed: Mapping[str, Iterable[tuple[str, str]]], device: str, fs_root: str
 ) -> str | None:
     """Two entries clash when they reach the same data: same device and nested fs subtrees.
 
     A raw device shares data with every filesystem on it, so its root is `/`: it clashes with
     any mount of that device. Bind mounts of disjoint directories of one filesystem do not.
     """
-    for other_device, other_root, who in claimed:
-        if other_device == device and (
-            _is_within(fs_root, other_root) or _is_within(other_root, fs_root)
-        ):
+    for other_root, who in claimed.get(device, ()):
+        if _is_within(fs_root, other_root) or _is_within(other_root, fs_root):
             return who
     return None
 

@@ -16,7 +16,7 @@ import stat
 import struct
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -52,6 +52,7 @@ class HostReader:
     def snapshot(self, config: Config) -> HostSnapshot:
         """Observe every class's discovery directory and the mount table, once."""
         mounts = self.mounts()
+        mounts_at = {m.mount_point: m for m in mounts}  # the last mount on a path is visible
         entries: dict[str, list[EntryFacts]] = {}
         real_dirs: dict[str, str] = {}
         dir_errors: dict[str, str] = {}
@@ -64,7 +65,7 @@ class HostReader:
                 dir_errors[cls.name] = f"cannot read {cls.mount_dir}: {exc.strerror or exc}"
                 continue
             entries[cls.name] = [
-                self.entry(os.path.join(real, n), n, mounts) for n in names if cls.matches(n)
+                self.entry(os.path.join(real, n), n, mounts_at) for n in names if cls.matches(n)
             ]
         return HostSnapshot(entries, mounts, real_dirs, dir_errors)
 
@@ -72,7 +73,7 @@ class HostReader:
         with open(self.mountinfo, encoding="utf-8", errors="surrogateescape") as f:
             return parse_mountinfo(f.read())
 
-    def entry(self, path: str, name: str, mounts: list[Mount]) -> EntryFacts:
+    def entry(self, path: str, name: str, mounts_at: Mapping[str, Mount]) -> EntryFacts:
         """Facts about one entry; never raises for a problem of that entry alone."""
         try:
             lst = os.lstat(path)
@@ -89,16 +90,16 @@ class HostReader:
             return _unreadable(name, path, exc)
 
         if stat.S_ISDIR(st.st_mode):
-            return self._directory(name, path, target, mounts)
+            return self._directory(name, path, target, mounts_at)
         if stat.S_ISBLK(st.st_mode):
             return self._block(name, path, target, st.st_rdev)
         return EntryFacts(name, path, FileType.OTHER, target=target)
 
     def _directory(
-        self, name: str, path: str, target: str | None, mounts: list[Mount]
+        self, name: str, path: str, target: str | None, mounts_at: Mapping[str, Mount]
     ) -> EntryFacts:
         real = target or path
-        mount = next((m for m in reversed(mounts) if m.mount_point == real), None)
+        mount = mounts_at.get(real)
         if mount is None:  # not a mount point: discovery explains; no need to measure it
             return EntryFacts(name, path, FileType.DIRECTORY, target=target)
         try:

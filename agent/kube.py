@@ -169,14 +169,16 @@ class Kube:
 
     def emit_event(self, obj: Mapping[str, str], event_type: str, reason: str, message: str,
                    host: str) -> None:
-        """A core/v1 Event about a cluster-scoped object (a Node or a PV)."""
+        """A core/v1 Event about an object: in its namespace, or `default` for cluster-scoped
+        ones (a Node, a PV), as the kubelet does."""
         now = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
         name = f"{obj['name']}.{time.time_ns():x}"
+        namespace = obj.get("namespace") or EVENTS_NAMESPACE
         body: Any = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"name": name, "namespace": EVENTS_NAMESPACE},
-            "involvedObject": {**obj, "namespace": ""},
+            "metadata": {"name": name, "namespace": namespace},
+            "involvedObject": {**obj, "namespace": obj.get("namespace", "")},
             "type": event_type,
             "reason": reason,
             "message": message[:1024],
@@ -188,7 +190,7 @@ class Kube:
             "count": 1,
         }
         self._call("create", lambda: self._core.create_namespaced_event(
-            EVENTS_NAMESPACE, body, _preload_content=False, _request_timeout=self._timeout))
+            namespace, body, _preload_content=False, _request_timeout=self._timeout))
 
     # -- plumbing ------------------------------------------------------------------------------
 

@@ -16,18 +16,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.config import Config
-from agent.discovery import Discovery, discover
+from agent.discovery import Discovery, HostView, discover
 from agent.host import HostReader
 from agent.kube import PV, ApiError, Kube
 from agent.plan import (
     Notice,
     Plan,
+    Withdrawal,
     exclusion_notices,
     is_this_nodes,
     label_selector,
     local_path,
     plan,
 )
+from agent.sources import Waker
 from agent.volumes import MANAGED_BY_LABEL, ClassPolicy, NodeInfo, pv_manifest
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,9 @@ class PassResult:
     plan: Plan
     created_by_mode: dict[str, int] = field(default_factory=dict)
     adopted: int = 0
+    withdrawn: int = 0
     errors: int = 0
+    woken_at: float | None = None  # when the wake-up this pass answers arrived
 
 
 @dataclass
@@ -110,6 +114,8 @@ class Reconciler:
         resync_period: float = 300.0,
         debounce: float = 0.2,
         on_pass: Callable[[PassResult, float], None] | None = None,
+        poll_period: float | None = None,
+        withdraw_missing: bool = True,
     ) -> None:
         self.kube = kube
         self.reader = reader
@@ -118,11 +124,14 @@ class Reconciler:
         self.resync_period = resync_period
         self.debounce = debounce
         self.on_pass = on_pass
+        self.poll_period = poll_period  # the upstream's behaviour: a pass every period
+        self.withdraw_missing = withdraw_missing
         self.node = NodeInfo(name=node_name)
         self.cache = PVCache()
         self.state = LoopState()
         self.stop = threading.Event()
         self.wake = threading.Event()
+        self.waker = Waker(self.wake)
         self._policies: dict[str, ClassPolicy | None] = {}
         self._emitted: set[str] = set()
         self._watcher: threading.Thread | None = None
@@ -162,7 +171,10 @@ class Reconciler:
                 self._sleep(delay)
                 continue
             backoff.reset()
-            self._wait_until(next_resync)
+            deadline = next_resync
+            if self.poll_period:
+                deadline = min(deadline, time.monotonic() + self.poll_period)
+            self._wait_until(deadline)
 
     def _start(self) -> None:
         self.node = self.kube.get_node(self.node_name)
@@ -192,16 +204,23 @@ class Reconciler:
     def sync(self) -> PassResult:
         """One level-driven pass: host → desired PVs → plan against the cache → apply."""
         started = time.monotonic()
+        woken_at = self.waker.take_first_wake()
+        cached = self.cache.snapshot()
+        ours = {n: pv for n, pv in cached.items() if is_this_nodes(pv, self.node)}
         snapshot = self.reader.snapshot(self.config)
-        found = discover(self.config, snapshot)
+        keep = frozenset(p for p in map(local_path, ours.values()) if p)
+        found = discover(self.config, snapshot, keep)
+        view = HostView(self.config, snapshot, found)
+        states = {n: view.state(pv["spec"].get("storageClassName", ""), local_path(pv) or "")
+                  for n, pv in ours.items()}
         desired = []
         for volume in found.volumes:
             policy = self._policies.get(volume.class_name)
             if policy is None:  # StorageClass missing: that class is disabled
                 continue
             desired.append(pv_manifest(volume, self.node, self.config, policy))
-        the_plan = plan(desired, self.cache.snapshot(), self.node)
-        result = PassResult(found, the_plan)
+        the_plan = plan(desired, cached, self.node, states, self.withdraw_missing)
+        result = PassResult(found, the_plan, woken_at=woken_at)
         for adoption in the_plan.adopt:
             try:
                 self.cache.put(self.kube.patch_pv_labels(adoption.name, adoption.uid,
@@ -213,7 +232,12 @@ class Reconciler:
                 log.warning("adopting PV %s: %s", adoption.name, exc)
         for manifest in the_plan.create:
             self._create(manifest, result)
-        self._notify(list(the_plan.notices))
+        for withdrawal in the_plan.withdraw:
+            self._withdraw(withdrawal, result)
+        conditions = ("missing/", "changed/")  # re-reported after they clear and come back
+        self._notify([n for n in the_plan.notices if not n.key.startswith(conditions)])
+        self._notify([n for n in the_plan.notices if n.key.startswith(conditions)],
+                     scope=conditions)
         self._notify(exclusion_notices(found.exclusions, self.node), scope="excluded/")
         self.state.first_sync_done = True
         self.state.last_pass = result
@@ -242,6 +266,26 @@ class Reconciler:
         self._notify([Notice("PersistentVolume", name, "Normal", "Provisioned",
                              f"created for {path} on node {self.node.name} ({capacity})",
                              key=f"created/{name}/{created['metadata'].get('uid', '')}")])
+
+    def _withdraw(self, withdrawal: Withdrawal, result: PassResult) -> None:
+        """Delete an unbound PV whose disk is gone, only if nobody touched it since we looked."""
+        try:
+            self.kube.delete_pv(withdrawal.name, withdrawal.uid, withdrawal.resource_version)
+        except ApiError as exc:
+            if exc.conflict or exc.not_found:  # bound or changed meanwhile: decide again
+                log.info("not withdrawing PV %s: it changed meanwhile", withdrawal.name)
+                self.wake.set()
+                return
+            result.errors += 1
+            log.warning("withdrawing PV %s: %s", withdrawal.name, exc)
+            return
+        result.withdrawn += 1
+        log.warning("withdrew PV %s: the disk behind %s is gone and the PV was unbound",
+                    withdrawal.name, withdrawal.path)
+        self._notify([Notice("Node", self.node.name, "Warning", "VolumeWithdrawn",
+                             f"PV {withdrawal.name} deleted: the disk behind {withdrawal.path} "
+                             "is gone and nothing had claimed it",
+                             key=f"withdrawn/{withdrawal.uid}")])
 
     def _resolve_conflict(self, name: str, path: str, result: PassResult) -> None:
         """The name exists already: adopt it when it is this node's PV for the same path."""
@@ -336,18 +380,24 @@ class Reconciler:
 
     # -- events and waiting --------------------------------------------------------------------
 
-    def _notify(self, notices: list[Notice], scope: str | None = None) -> None:
+    def _notify(self, notices: list[Notice], scope: str | tuple[str, ...] | None = None) -> None:
         """Emit each notice once. With a scope, `notices` is the complete current set for it:
         keys of that scope that no longer apply are forgotten, so a recurrence is reported."""
         if scope is not None:
             current = {n.key for n in notices}
-            self._emitted = {k for k in self._emitted if not k.startswith(scope) or k in current}
+            cleared = {k for k in self._emitted if k.startswith(scope) and k not in current}
+            for key in sorted(cleared):
+                log.info("condition cleared: %s", key)
+            self._emitted -= cleared
         for notice in notices:
             if notice.key in self._emitted:
                 continue
             ref = {"kind": notice.kind, "name": notice.name, "apiVersion": "v1"}
-            if notice.kind == "Node" and self.node.uid:
-                ref["uid"] = self.node.uid
+            uid = notice.uid or (self.node.uid if notice.kind == "Node" else "")
+            if uid:
+                ref["uid"] = uid
+            if notice.namespace:
+                ref["namespace"] = notice.namespace
             try:
                 self.kube.emit_event(ref, notice.event_type, notice.reason, notice.message,
                                      self.node.name)

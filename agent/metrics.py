@@ -10,17 +10,119 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
-PREFIX = "local_volume_provisioner"
+PREFIX = "local_volume_provisioner"  # upstream-compatible names
+OWN = "localpv_agent"  # this agent's own metrics
 HTTP_METHOD = {"get": "GET", "list": "GET", "watch": "GET", "create": "POST",
                "delete": "DELETE", "patch": "PATCH", "update": "PUT"}
+
+
+@dataclass(frozen=True)
+class VolumeSample:
+    """One PV of this node, as metrics see it."""
+
+    name: str
+    class_name: str
+    mode: str
+    state: str  # available, bound, released, pending, failed, missing, cleaning
+    path: str
+    identity: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AgentSample:
+    """Everything the state metrics are built from, taken at scrape time."""
+
+    volumes: Sequence[VolumeSample] = ()
+    offered: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (class, mode) -> bytes
+    excluded: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (class, reason) -> n
+    wakeups: Mapping[str, int] = field(default_factory=dict)
+    source_failures: Mapping[str, int] = field(default_factory=dict)
+    sources_active: Mapping[str, bool] = field(default_factory=dict)
+    api_requests: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (verb, result)
+
+
+class StateCollector(Collector):
+    """Fresh metric families from a snapshot of the agent's state at every scrape."""
+
+    def __init__(self, sample: Callable[[], AgentSample]) -> None:
+        self.sample = sample
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.sample()
+        volumes = GaugeMetricFamily(f"{OWN}_volumes", "PVs of this node by class, mode and state.",
+                                    labels=["class", "mode", "state"])
+        counts: dict[tuple[str, str, str], int] = {}
+        for v in s.volumes:
+            key = (v.class_name, v.mode, v.state)
+            counts[key] = counts.get(key, 0) + 1
+        for key, n in sorted(counts.items()):
+            volumes.add_metric(list(key), n)
+        yield volumes
+
+        info = GaugeMetricFamily(f"{OWN}_volume_info", "One series per PV of this node, for joins.",
+                                 labels=["persistentvolume", "class", "path", "fs_uuid", "wwn",
+                                         "serial"])
+        for v in s.volumes:
+            info.add_metric([v.name, v.class_name, v.path, v.identity.get("fs-uuid", ""),
+                             v.identity.get("wwn", ""), v.identity.get("serial", "")], 1)
+        yield info
+
+        capacity = GaugeMetricFamily(f"{OWN}_capacity_bytes",
+                                     "Capacity the node offers now, by class and volume mode.",
+                                     labels=["class", "mode"])
+        upstream = GaugeMetricFamily(f"{PREFIX}_persistentvolume_capacity_bytes",
+                                     "Capacity the node offers now, by volume mode.",
+                                     labels=["mode"])
+        by_mode: dict[str, int] = {}
+        for (cls, mode), size in sorted(s.offered.items()):
+            capacity.add_metric([cls, mode], size)
+            by_mode[mode] = by_mode.get(mode, 0) + size
+        for mode, size in sorted(by_mode.items()):
+            upstream.add_metric([mode], size)
+        yield capacity
+        yield upstream
+
+        excluded = GaugeMetricFamily(f"{OWN}_excluded_entries",
+                                     "Discovery entries not offered, by class and reason.",
+                                     labels=["class", "reason"])
+        for (cls, reason), n in sorted(s.excluded.items()):
+            excluded.add_metric([cls, reason], n)
+        yield excluded
+
+        wakeups = CounterMetricFamily(f"{OWN}_wakeups", "Wake-ups of the loop, by source.",
+                                      labels=["source"])
+        for source, n in sorted(s.wakeups.items()):
+            wakeups.add_metric([source], n)
+        yield wakeups
+        failures = CounterMetricFamily(f"{OWN}_wakeup_source_failures",
+                                       "Times a wake-up source lost events and was recovered.",
+                                       labels=["source"])
+        for source, n in sorted(s.source_failures.items()):
+            failures.add_metric([source], n)
+        yield failures
+        active = GaugeMetricFamily(f"{OWN}_wakeup_source_active",
+                                   "Whether a wake-up source runs (1) or is unavailable (0).",
+                                   labels=["source"])
+        for source, on in sorted(s.sources_active.items()):
+            active.add_metric([source], 1 if on else 0)
+        yield active
+
+        requests = CounterMetricFamily(f"{OWN}_api_requests", "API requests by verb and result.",
+                                       labels=["verb", "result"])
+        for (verb, result), n in sorted(s.api_requests.items()):
+            requests.add_metric([verb, result], n)
+        yield requests
 
 
 class Metrics:
@@ -44,6 +146,16 @@ class Metrics:
             f"{PREFIX}_persistentvolume_discovery_duration_seconds",
             "Duration of discovery passes that created PVs, by volume mode.", ["mode"],
             registry=r)
+        self.pass_duration = Histogram(f"{OWN}_discovery_pass_duration_seconds",
+                                       "Duration of one discovery and reconcile pass.",
+                                       registry=r)
+        self.event_to_pv = Histogram(
+            f"{OWN}_event_to_pv_seconds",
+            "From the wake-up (udev, mount, inotify) to the PV created for it.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r)
+
+    def watch_state(self, sample: Callable[[], AgentSample]) -> None:
+        self.registry.register(StateCollector(sample))
 
     def observe_request(self, verb: str, outcome: str, seconds: float) -> None:
         method = HTTP_METHOD.get(verb, verb.upper())

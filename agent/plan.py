@@ -13,8 +13,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.discovery import Exclusion
-from agent.volumes import HOSTNAME_LABEL, MANAGED_BY, MANAGED_BY_LABEL, PROVISIONED_BY, NodeInfo
+from agent.discovery import Exclusion, VolumeState
+from agent.volumes import (
+    HOSTNAME_LABEL,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    PROVISIONED_BY,
+    NodeInfo,
+    identity_from_annotations,
+)
 
 PV = Mapping[str, Any]
 
@@ -23,12 +30,14 @@ PV = Mapping[str, Any]
 class Notice:
     """An Event worth emitting once: `key` deduplicates it across passes."""
 
-    kind: str  # of the involved object: Node or PersistentVolume
+    kind: str  # of the involved object: Node, PersistentVolume, PersistentVolumeClaim
     name: str
     event_type: str  # Normal or Warning
     reason: str
     message: str
     key: str
+    namespace: str = ""  # for namespaced objects (a claim)
+    uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -41,14 +50,27 @@ class Adoption:
 
 
 @dataclass(frozen=True)
+class Withdrawal:
+    """An unbound PV whose disk is gone: delete exactly this version of it, nothing newer."""
+
+    name: str
+    uid: str
+    resource_version: str
+    path: str
+
+
+@dataclass(frozen=True)
 class Plan:
     create: tuple[Mapping[str, Any], ...] = ()
     adopt: tuple[Adoption, ...] = ()
+    withdraw: tuple[Withdrawal, ...] = ()
     notices: tuple[Notice, ...] = ()
+    missing: tuple[str, ...] = ()  # PVs whose disk is gone (withdrawn or kept)
+    changed_disk: tuple[str, ...] = ()  # PVs whose path now holds a different disk
 
     @property
     def writes(self) -> int:
-        return len(self.create) + len(self.adopt)
+        return len(self.create) + len(self.adopt) + len(self.withdraw)
 
 
 def selector_labels(node: NodeInfo) -> dict[str, str]:
@@ -89,8 +111,11 @@ def plan(
     desired: Sequence[Mapping[str, Any]],
     actual: Mapping[str, PV],
     node: NodeInfo,
+    states: Mapping[str, tuple[VolumeState, Mapping[str, str]]] | None = None,
+    withdraw_missing: bool = True,
 ) -> Plan:
-    """What to write so every desired volume has exactly one PV."""
+    """What to write so every desired volume has exactly one PV, and what to say about the
+    PVs whose disk went away (`states`: by PV name, what the host shows at its path)."""
     ours = [pv for pv in actual.values() if is_this_nodes(pv, node)]
     by_path: dict[str, list[PV]] = defaultdict(list)
     for pv in ours:
@@ -115,7 +140,67 @@ def plan(
                 f"not creating it for {path!r}", key=f"name-conflict/{name}/{path}"))
             continue
         creates.append(manifest)
-    return Plan(tuple(creates), tuple(adoptions), tuple(notices))
+
+    withdrawals: list[Withdrawal] = []
+    missing: list[str] = []
+    changed: list[str] = []
+    for pv in sorted(ours, key=lambda p: p["metadata"]["name"]):
+        state, identity = (states or {}).get(pv["metadata"]["name"], (VolumeState.UNKNOWN, {}))
+        if state is VolumeState.GONE:
+            missing.append(pv["metadata"]["name"])
+            gone = _gone(pv, withdraw_missing)
+            if isinstance(gone, Withdrawal):
+                withdrawals.append(gone)
+            else:
+                notices.extend(gone)
+        elif state is VolumeState.PRESENT:
+            differs = _identity_changes(pv, identity)
+            if differs:
+                changed.append(pv["metadata"]["name"])
+                notices.append(_changed_disk_notice(pv, differs))
+    return Plan(tuple(creates), tuple(adoptions), tuple(withdrawals), tuple(notices),
+                tuple(missing), tuple(changed))
+
+
+def _gone(pv: PV, withdraw_missing: bool) -> Withdrawal | list[Notice]:
+    """An unclaimed PV is withdrawn so nothing binds to a missing disk; a claimed one is kept
+    (its data may come back) and reported on the PV and its claim."""
+    meta, spec = pv["metadata"], pv.get("spec") or {}
+    phase = (pv.get("status") or {}).get("phase", "")
+    claim = spec.get("claimRef")
+    path = local_path(pv) or ""
+    if claim is None and phase in ("Available", "Pending", "") and withdraw_missing:
+        if not meta.get("deletionTimestamp"):
+            return Withdrawal(meta["name"], meta.get("uid", ""), meta.get("resourceVersion", ""),
+                              path)
+        return []
+    what = f"the disk behind {path!r} is gone"
+    uid = meta.get("uid", "")
+    notices = [Notice("PersistentVolume", meta["name"], "Warning", "VolumeMissing",
+                      f"{what}; the PV ({phase or 'unbound'}) is kept until it returns",
+                      key=f"missing/{meta['name']}/{uid}", uid=uid)]
+    if claim and claim.get("name"):
+        notices.append(Notice(
+            "PersistentVolumeClaim", claim["name"], "Warning", "VolumeMissing",
+            f"{what} (PV {meta['name']}); pods using this claim cannot start on its node",
+            key=f"missing/{meta['name']}/{uid}/claim", namespace=claim.get("namespace", ""),
+            uid=claim.get("uid", "")))
+    return notices
+
+
+def _identity_changes(pv: PV, found: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    recorded = identity_from_annotations((pv.get("metadata") or {}).get("annotations") or {})
+    return {k: (v, found[k]) for k, v in recorded.items() if k in found and found[k] != v}
+
+
+def _changed_disk_notice(pv: PV, differs: Mapping[str, tuple[str, str]]) -> Notice:
+    meta = pv["metadata"]
+    what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in sorted(differs.items()))
+    return Notice("PersistentVolume", meta["name"], "Warning", "DiskChanged",
+                  f"a different disk is at {local_path(pv)!r} ({what}); the PV is left "
+                  "untouched and the new disk is not offered",
+                  key=f"changed/{meta['name']}/{meta.get('uid', '')}/{what}",
+                  uid=meta.get("uid", ""))
 
 
 def exclusion_notices(exclusions: Iterable[Exclusion], node: NodeInfo) -> list[Notice]:

@@ -104,6 +104,12 @@ def identity_annotations(identity: Mapping[str, str]) -> dict[str, str]:
     return {ANNOTATION_PREFIX + k: identity[k] for k in IDENTITY_KEYS if identity.get(k)}
 
 
+def identity_from_annotations(annotations: Mapping[str, str]) -> dict[str, str]:
+    """The disk identity recorded on a PV when it was created."""
+    return {k: annotations[ANNOTATION_PREFIX + k] for k in IDENTITY_KEYS
+            if annotations.get(ANNOTATION_PREFIX + k)}
+
+
 def pv_manifest(
     volume: Volume,
     node: NodeInfo,

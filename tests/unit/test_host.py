@@ -51,7 +51,7 @@ def test_entry_kinds_from_a_real_directory(tmp_path: Path) -> None:
     (tmp_path / "dangling").symlink_to(tmp_path / "absent")
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     reader = HostReader(mountinfo="/dev/null")
-    kinds = {n: reader.entry(str(tmp_path / n), n, []).file_type
+    kinds = {n: reader.entry(str(tmp_path / n), n, {}).file_type
              for n in ("file", "dir", "dangling", "loop")}
     assert kinds == {"file": FileType.OTHER, "dir": FileType.DIRECTORY,
                      "dangling": FileType.BROKEN_LINK, "loop": FileType.BROKEN_LINK}

@@ -1,0 +1,194 @@
+"""Wake-up sources that need no third-party library: the mount table and directory entries.
+
+Events only wake the level-driven loop; they carry no data it relies on. So a source may
+coalesce, overflow or fail: it says so (a Warning in the log and a counted failure), the loop
+resyncs, and the source recovers on its own. None of this can make a volume be missed, only
+noticed later.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import select
+import struct
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+
+log = logging.getLogger(__name__)
+
+IN_ATTRIB, IN_MOVED_FROM, IN_MOVED_TO = 0x4, 0x40, 0x80
+IN_CREATE, IN_DELETE, IN_DELETE_SELF, IN_MOVE_SELF = 0x100, 0x200, 0x400, 0x800
+IN_Q_OVERFLOW, IN_IGNORED, IN_ONLYDIR = 0x4000, 0x8000, 0x01000000
+IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
+WATCH_MASK = (IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_ATTRIB
+              | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR)
+_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (struct inotify_event)
+
+
+class Waker:
+    """Funnels every source into the loop's one wake-up Event, counting wake-ups by source."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+        self.wakeups: Counter[str] = Counter()
+        self.failures: Counter[str] = Counter()
+        self.active: dict[str, bool] = {}
+        self.first_wake: float | None = None  # monotonic time of the oldest unserved wake-up
+        self._lock = threading.Lock()
+
+    def wake(self, source: str) -> None:
+        with self._lock:
+            self.wakeups[source] += 1
+            if self.first_wake is None:
+                self.first_wake = time.monotonic()
+        self.event.set()
+
+    def failed(self, source: str, why: str) -> None:
+        """A source lost events: count it, warn, and wake the loop for a full pass."""
+        with self._lock:
+            self.failures[source] += 1
+        log.warning("wake-up source %s failed (%s); resyncing", source, why)
+        self.wake(f"{source}-recovery")
+
+    def take_first_wake(self) -> float | None:
+        with self._lock:
+            first, self.first_wake = self.first_wake, None
+            return first
+
+
+class Source:
+    """A daemon thread feeding a Waker until `stop` is set."""
+
+    name = "source"
+
+    def __init__(self, waker: Waker, stop: threading.Event) -> None:
+        self.waker = waker
+        self.stop = stop
+        self.thread = threading.Thread(target=self._run_forever, name=self.name, daemon=True)
+
+    def start(self) -> bool:
+        """Start if the source can work here; say so either way."""
+        ok = self.available()
+        self.waker.active[self.name] = ok
+        if ok:
+            self.thread.start()
+        return ok
+
+    def available(self) -> bool:
+        return True
+
+    def _run_forever(self) -> None:
+        delay = 1.0
+        while not self.stop.is_set():
+            try:
+                self.run()
+                delay = 1.0
+            except Exception as exc:  # a source must never die silently: count, resync, retry
+                self.waker.failed(self.name, f"{type(exc).__name__}: {exc}")
+                self.stop.wait(delay)
+                delay = min(delay * 2, 30.0)
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+
+class MountTableSource(Source):
+    """The kernel flags a changed mount table with POLLPRI on /proc/self/mountinfo."""
+
+    name = "mount"
+
+    def __init__(self, waker: Waker, stop: threading.Event,
+                 mountinfo: str = "/proc/self/mountinfo") -> None:
+        super().__init__(waker, stop)
+        self.mountinfo = mountinfo
+
+    def available(self) -> bool:
+        return os.access(self.mountinfo, os.R_OK)
+
+    def run(self) -> None:
+        with open(self.mountinfo, "rb") as f:
+            poller = select.poll()
+            poller.register(f.fileno(), select.POLLPRI | select.POLLERR)
+            f.read()
+            while not self.stop.is_set():
+                if poller.poll(1000):
+                    f.seek(0)
+                    f.read()  # re-arms the notification
+                    self.waker.wake(self.name)
+
+
+class InotifySource(Source):
+    """Entries created, removed or renamed in the discovery directories (inotify(7))."""
+
+    name = "inotify"
+
+    def __init__(self, waker: Waker, stop: threading.Event, dirs: Callable[[], Iterable[str]]):
+        super().__init__(waker, stop)
+        self.dirs = dirs
+        self._libc = _load_libc()
+        self._watched: dict[int, str] = {}
+
+    def available(self) -> bool:
+        return self._libc is not None
+
+    def run(self) -> None:
+        assert self._libc is not None
+        fd = self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        self._watched.clear()
+        try:
+            while not self.stop.is_set():
+                self._watch_missing(fd)
+                ready, _, _ = select.select([fd], [], [], 1.0)
+                if ready:
+                    self._drain(fd)
+        finally:
+            os.close(fd)
+
+    def _watch_missing(self, fd: int) -> None:
+        """(Re)add watches: a discovery dir may appear after start or be recreated."""
+        assert self._libc is not None
+        watched = set(self._watched.values())
+        for path in self.dirs():
+            if path in watched or not os.path.isdir(path):
+                continue
+            wd = self._libc.inotify_add_watch(fd, os.fsencode(path), WATCH_MASK)
+            if wd >= 0:
+                self._watched[wd] = path
+                log.debug("inotify: watching %s", path)
+
+    def _drain(self, fd: int) -> None:
+        try:
+            data = os.read(fd, 64 * 1024)
+        except BlockingIOError:
+            return
+        offset, woke = 0, False
+        while offset + _EVENT.size <= len(data):
+            wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
+            offset += _EVENT.size + length
+            if mask & IN_Q_OVERFLOW:
+                self.waker.failed(self.name, "event queue overflow")
+                continue
+            if mask & IN_IGNORED:
+                self._watched.pop(wd, None)  # the directory went away; re-added when back
+            woke = True
+        if woke:
+            self.waker.wake(self.name)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6", use_errno=True)
+        libc.inotify_init1.argtypes = [ctypes.c_int]
+        libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+    except (OSError, AttributeError):
+        return None
+    return libc
+
