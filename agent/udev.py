@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import select
+import socket
 import threading
 
 from agent.sources import Source, Waker
@@ -54,10 +56,17 @@ class UdevSource(Source):
             try:
                 device = monitor.poll(timeout=0)
             except OSError as exc:
-                if exc.errno == errno.ENOBUFS:  # the socket overflowed: events were dropped
+                # pyudev reports a socket error from poll() without its errno: ask the socket.
+                code = exc.errno or _pending_socket_error(monitor.fileno())
+                if code == errno.ENOBUFS:  # the socket overflowed: events were dropped
                     self.waker.failed(self.name, "netlink socket overflow (ENOBUFS)")
                     return  # a fresh monitor, and the loop resyncs
                 raise
             if device is not None:
                 log.debug("udev: %s %s", device.action, device.device_node)
                 self.waker.wake(self.name)
+
+
+def _pending_socket_error(fd: int) -> int:
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)

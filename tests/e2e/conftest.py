@@ -15,6 +15,7 @@ from tests.conftest import require
 from tests.disks import can_make_disks
 from tests.e2e.agents import REPO, write_token_kubeconfig
 from tests.harness.controlplane import ControlPlane
+from tests.harness.udevd import Udevd, udevd_binary
 
 CLUSTER_KEY = pytest.StashKey[ControlPlane]()
 RBAC_KINDS = {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
@@ -74,3 +75,12 @@ def _assets_preset() -> bool:
 
     assets = os.environ.get("KUBEBUILDER_ASSETS")
     return bool(assets) and Path(assets, "kube-apiserver").exists()
+
+
+@pytest.fixture(scope="session")
+def udevd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Udevd]:
+    """A real systemd-udevd (Debian package udev), started unless one already runs."""
+    require(udevd_binary() is not None, "systemd-udevd missing: run scripts/install-system-deps")
+    daemon = Udevd(tmp_path_factory.mktemp("udevd") / "udevd.log").start()
+    yield daemon
+    daemon.stop()
