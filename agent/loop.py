@@ -361,8 +361,8 @@ class Reconciler:
                         self.cache.version = pv["metadata"]["resourceVersion"]
                         continue
                     self.cache.apply(event_type, pv)
-                    if event_type == "DELETED":
-                        self.wake.set()
+                    if event_type == "DELETED" and not self.poll_period:
+                        self.waker.wake("pv-deleted")  # recreate a PV deleted by hand now
                 backoff.reset()
             except ApiError as exc:
                 if exc.gone:
