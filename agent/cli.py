@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -71,11 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace, config: Config) -> int:
     """Keep this node's PVs in line with its disks until SIGTERM."""
     # Imported here so `scan` works without touching the API client at all.
+    from agent.cleaner import Cleaner, CleanOutcome, DirtyStore, capacity_breakdown  # noqa: PLC0415
     from agent.kube import Kube  # noqa: PLC0415
     from agent.loop import PassResult, Reconciler  # noqa: PLC0415
     from agent.metrics import HealthServer, Metrics, stalled_after  # noqa: PLC0415
-    from agent.sources import InotifySource, MountTableSource  # noqa: PLC0415
-    from agent.udev import UdevSource  # noqa: PLC0415
 
     if not args.node_name_given:
         print("localpv-agent: run needs the node name: set MY_NODE_NAME or --node-name",
@@ -90,32 +88,30 @@ def run(args: argparse.Namespace, config: Config) -> int:
     resync = args.resync_period if args.resync_period is not None else config.min_resync_period
 
     def on_pass(result: PassResult, seconds: float) -> None:
-        metrics.pass_duration.observe(seconds)
-        for mode, count in result.created_by_mode.items():
-            for _ in range(count):
-                metrics.observe_created(mode, seconds)
-                if result.woken_at is not None:
-                    metrics.event_to_pv.observe(time.monotonic() - result.woken_at)
+        metrics.observe_pass(result.created_by_mode, seconds, result.woken_at)
 
+    def on_clean(outcome: CleanOutcome) -> None:
+        job = outcome.job
+        command = job.command[0] if job.raw_device else "filesystem"
+        metrics.observe_clean(job.class_name, job.mode, outcome.ok, outcome.seconds,
+                              capacity_breakdown(job.capacity_bytes), command)
+
+    try:
+        dirty = DirtyStore(args.state_dir)
+    except OSError as exc:
+        print(f"localpv-agent: cannot use the state dir {args.state_dir}: {exc}",
+              file=sys.stderr)
+        return EXIT_CONFIG
     poll = args.discovery_mode == "poll"
     reconciler = Reconciler(kube, _host_reader(args), config, args.node_name,
                             resync_period=resync or 300.0, on_pass=on_pass,
                             poll_period=args.discovery_period if poll else None,
-                            withdraw_missing=args.withdraw_missing)
+                            withdraw_missing=args.withdraw_missing, dirty=dirty,
+                            on_clean=on_clean, clean_stale_after=args.clean_stale_after)
+    reconciler.cleaner = Cleaner(args.clean_concurrency, args.clean_timeout,
+                                 on_done=lambda: reconciler.waker.wake("cleaner"))
     metrics.watch_state(lambda: sample_state(reconciler, kube))
-    if not poll:
-        waker, stop = reconciler.waker, reconciler.stop
-        sources = [
-            UdevSource(waker, stop, receive_buffer=args.udev_buffer_size),
-            MountTableSource(waker, stop, args.mountinfo),
-            InotifySource(waker, stop, lambda: [os.path.realpath(c.mount_dir)
-                                                for c in reconciler.config.classes]),
-        ]
-        active = [s.name for s in sources if s.start()]
-        log.info("discovery: events from %s, plus a full resync every %gs",
-                 ", ".join(active) or "no source", reconciler.resync_period)
-    else:
-        log.info("discovery: polling every %gs", args.discovery_period)
+    _start_sources(reconciler, args)
     server = None
     if args.listen_address:
         server = HealthServer(
@@ -134,10 +130,31 @@ def run(args: argparse.Namespace, config: Config) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     reconciler.run()
+    reconciler.cleaner.shutdown()
     if server is not None:
         server.stop()
     log.info("stopped")
     return EXIT_OK
+
+
+def _start_sources(reconciler: Reconciler, args: argparse.Namespace) -> None:
+    """The wake-up sources of events mode; poll mode has none but its timer."""
+    from agent.sources import InotifySource, MountTableSource  # noqa: PLC0415
+    from agent.udev import UdevSource  # noqa: PLC0415
+
+    if args.discovery_mode == "poll":
+        log.info("discovery: polling every %gs", args.discovery_period)
+        return
+    waker, stop = reconciler.waker, reconciler.stop
+    sources = [
+        UdevSource(waker, stop, receive_buffer=args.udev_buffer_size),
+        MountTableSource(waker, stop, args.mountinfo),
+        InotifySource(waker, stop, lambda: [os.path.realpath(c.mount_dir)
+                                            for c in reconciler.config.classes]),
+    ]
+    active = [s.name for s in sources if s.start()]
+    log.info("discovery: events from %s, plus a full resync every %gs",
+             ", ".join(active) or "no source", reconciler.resync_period)
 
 
 def scan(args: argparse.Namespace, config: Config, out: TextIO | None = None) -> int:
@@ -181,6 +198,7 @@ def sample_state(reconciler: Reconciler, kube: Kube) -> AgentSample:
 
     last = reconciler.state.last_pass
     missing = set(last.plan.missing) if last else set()
+    cleaning = set(last.cleaning) if last else set()
     volumes = []
     for name, pv in sorted(reconciler.cache.snapshot().items()):
         if not is_this_nodes(pv, reconciler.node):
@@ -190,7 +208,8 @@ def sample_state(reconciler: Reconciler, kube: Kube) -> AgentSample:
         volumes.append(VolumeSample(
             name=name, class_name=pv["spec"].get("storageClassName", ""),
             mode=pv["spec"].get("volumeMode", "Filesystem"),
-            state="missing" if name in missing else phase, path=local_path(pv) or "",
+            state=("missing" if name in missing else "cleaning" if name in cleaning
+                   else phase), path=local_path(pv) or "",
             identity=identity_from_annotations(annotations)))
     offered: dict[tuple[str, str], int] = {}
     excluded: dict[tuple[str, str], int] = {}
@@ -297,6 +316,15 @@ def _parser() -> argparse.ArgumentParser:
                        default=True,
                        help="delete an unbound PV whose disk is gone (default: on)")
     run_p.add_argument("--udev-buffer-size", type=int, default=None, help=argparse.SUPPRESS)
+    run_p.add_argument("--state-dir", default="/var/lib/localpv-agent",
+                       help="host dir remembering volumes not cleaned yet (default: %(default)s)")
+    run_p.add_argument("--clean-concurrency", type=int, default=2,
+                       help="volumes cleaned at once (default: %(default)s)")
+    run_p.add_argument("--clean-timeout", type=float, default=6 * 3600.0,
+                       help="seconds a block cleaner may run (default: %(default)s)")
+    run_p.add_argument("--clean-stale-after", type=float, default=60.0,
+                       help="seconds without a heartbeat after which another instance's "
+                            "clean counts as interrupted and resumes (default: %(default)s)")
     return parser
 
 

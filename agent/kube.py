@@ -160,6 +160,14 @@ class Kube:
         return self._call("patch", lambda: self._core.patch_persistent_volume(
             name, body, _preload_content=False, _request_timeout=self._timeout))
 
+    def patch_pv_annotations(self, name: str, resource_version: str,
+                             annotations: Mapping[str, str | None]) -> PV:
+        """Set (or, with None, remove) annotations, only on the version that was decided on."""
+        body = {"metadata": {"resourceVersion": resource_version,
+                             "annotations": dict(annotations)}}
+        return self._call("patch", lambda: self._core.patch_persistent_volume(
+            name, body, _preload_content=False, _request_timeout=self._timeout))
+
     def delete_pv(self, name: str, uid: str, resource_version: str | None = None) -> None:
         """Delete a PV only if it is still exactly the object that was decided on."""
         pre = client.V1Preconditions(uid=uid, resource_version=resource_version)

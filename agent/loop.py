@@ -8,26 +8,35 @@ wait. API failures back off exponentially and never end the loop.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.cleaner import Cleaner, CleanJob, CleanOutcome, DirtyStore
 from agent.config import Config
-from agent.discovery import Discovery, HostView, discover
+from agent.discovery import Discovery, HostSnapshot, HostView, discover
 from agent.host import HostReader
 from agent.kube import PV, ApiError, Kube
 from agent.plan import (
+    CLEANING_ANNOTATION,
+    CleanDecision,
     Notice,
     Plan,
     Withdrawal,
+    cleaning_state,
     exclusion_notices,
     is_this_nodes,
     label_selector,
     local_path,
     plan,
+    recycle,
+    retry_delay,
 )
 from agent.sources import Waker
 from agent.volumes import MANAGED_BY_LABEL, ClassPolicy, NodeInfo, pv_manifest
@@ -58,6 +67,7 @@ class PassResult:
     created_by_mode: dict[str, int] = field(default_factory=dict)
     adopted: int = 0
     withdrawn: int = 0
+    cleaning: frozenset[str] = frozenset()  # PV names being cleaned or waiting to retry
     errors: int = 0
     woken_at: float | None = None  # when the wake-up this pass answers arrived
 
@@ -78,24 +88,39 @@ class PVCache:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pvs: dict[str, PV] = {}
+        self._deleted: set[str] = set()  # UIDs this agent deleted, until their DELETED event
         self.version = ""
 
     def replace(self, pvs: Mapping[str, PV], version: str) -> None:
         with self._lock:
-            self._pvs = dict(pvs)
+            self._pvs = {n: pv for n, pv in pvs.items()
+                         if pv["metadata"].get("uid") not in self._deleted}
             self.version = version
 
     def apply(self, event_type: str, pv: PV) -> None:
         with self._lock:
-            name = pv["metadata"]["name"]
+            meta = pv["metadata"]
             if event_type == "DELETED":
-                self._pvs.pop(name, None)
-            elif event_type in ("ADDED", "MODIFIED"):
-                self._pvs[name] = pv
-            self.version = pv["metadata"].get("resourceVersion") or self.version
+                self._pvs.pop(meta["name"], None)
+                self._deleted.discard(meta.get("uid", ""))
+            elif event_type in ("ADDED", "MODIFIED") and meta.get("uid") not in self._deleted:
+                self._pvs[meta["name"]] = pv
+            self.version = meta.get("resourceVersion") or self.version
+
+    def forget(self, name: str, uid: str) -> None:
+        """This agent deleted the PV: late events about that object must not bring it back."""
+        with self._lock:
+            self._pvs.pop(name, None)
+            self._deleted.add(uid)
+            if len(self._deleted) > 10_000:  # DELETED events normally empty it; bound it anyway
+                self._deleted.clear()
 
     def put(self, pv: PV) -> None:
         self.apply("ADDED", pv)
+
+    def get(self, name: str) -> PV | None:
+        with self._lock:
+            return self._pvs.get(name)
 
     def snapshot(self) -> dict[str, PV]:
         with self._lock:
@@ -116,6 +141,10 @@ class Reconciler:
         on_pass: Callable[[PassResult, float], None] | None = None,
         poll_period: float | None = None,
         withdraw_missing: bool = True,
+        cleaner: Cleaner | None = None,
+        dirty: DirtyStore | None = None,
+        on_clean: Callable[[CleanOutcome], None] | None = None,
+        clean_stale_after: float = 60.0,
     ) -> None:
         self.kube = kube
         self.reader = reader
@@ -126,6 +155,13 @@ class Reconciler:
         self.on_pass = on_pass
         self.poll_period = poll_period  # the upstream's behaviour: a pass every period
         self.withdraw_missing = withdraw_missing
+        self.cleaner = cleaner
+        self.dirty = dirty
+        self.on_clean = on_clean
+        self._clean_retry: dict[str, tuple[float, int]] = {}  # PV-less volumes: (when, attempts)
+        self.instance = f"{node_name}/{uuid.uuid4().hex[:12]}"  # tells a twin from a restart
+        self.clean_stale_after = clean_stale_after
+        self._heartbeats: dict[str, float] = {}  # PV name -> when its record was last renewed
         self.node = NodeInfo(name=node_name)
         self.cache = PVCache()
         self.state = LoopState()
@@ -205,22 +241,35 @@ class Reconciler:
         """One level-driven pass: host → desired PVs → plan against the cache → apply."""
         started = time.monotonic()
         woken_at = self.waker.take_first_wake()
+        self._collect_cleanings()
         cached = self.cache.snapshot()
         ours = {n: pv for n, pv in cached.items() if is_this_nodes(pv, self.node)}
+        if self.dirty is not None:
+            for name, pv in ours.items():  # a claimed volume holds someone's data from now on
+                if (pv.get("spec") or {}).get("claimRef") and local_path(pv):
+                    self.dirty.mark(local_path(pv) or "", name)
         snapshot = self.reader.snapshot(self.config)
         keep = frozenset(p for p in map(local_path, ours.values()) if p)
         found = discover(self.config, snapshot, keep)
         view = HostView(self.config, snapshot, found)
         states = {n: view.state(pv["spec"].get("storageClassName", ""), local_path(pv) or "")
                   for n, pv in ours.items()}
+        recycling = recycle(
+            ours, states, frozenset(v.host_path for v in found.volumes),
+            self.dirty.paths() if self.dirty else frozenset(),
+            self.cleaner.running() if self.cleaner else frozenset(), time.time(),
+            {k: when for k, (when, _) in self._clean_retry.items()}, self.instance,
+            self.clean_stale_after)
         desired = []
         for volume in found.volumes:
+            if volume.host_path in recycling.hold:
+                continue  # holds a former tenant's data until it is cleaned
             policy = self._policies.get(volume.class_name)
             if policy is None:  # StorageClass missing: that class is disabled
                 continue
             desired.append(pv_manifest(volume, self.node, self.config, policy))
         the_plan = plan(desired, cached, self.node, states, self.withdraw_missing)
-        result = PassResult(found, the_plan, woken_at=woken_at)
+        result = PassResult(found, the_plan, woken_at=woken_at, cleaning=recycling.cleaning)
         for adoption in the_plan.adopt:
             try:
                 self.cache.put(self.kube.patch_pv_labels(adoption.name, adoption.uid,
@@ -234,6 +283,10 @@ class Reconciler:
             self._create(manifest, result)
         for withdrawal in the_plan.withdraw:
             self._withdraw(withdrawal, result)
+        if self.cleaner is not None:
+            for decision in recycling.clean:
+                self._start_clean(decision, found, snapshot, result)
+        self._notify(list(recycling.notices))
         conditions = ("missing/", "changed/")  # re-reported after they clear and come back
         self._notify([n for n in the_plan.notices if not n.key.startswith(conditions)])
         self._notify([n for n in the_plan.notices if n.key.startswith(conditions)],
@@ -263,9 +316,131 @@ class Reconciler:
         capacity = manifest["spec"]["capacity"]["storage"]
         log.info("created PV %s for %s (%s, %s)", name, path,
                  manifest["spec"]["storageClassName"], capacity)
-        self._notify([Notice("PersistentVolume", name, "Normal", "Provisioned",
-                             f"created for {path} on node {self.node.name} ({capacity})",
-                             key=f"created/{name}/{created['metadata'].get('uid', '')}")])
+        self._emit(Notice("PersistentVolume", name, "Normal", "Provisioned",
+                          f"created for {path} on node {self.node.name} ({capacity})", key="",
+                          uid=created["metadata"].get("uid", "")))
+
+    # -- recycling ----------------------------------------------------------------------------
+
+    def _start_clean(self, decision: CleanDecision, found: Discovery, snapshot: HostSnapshot,
+                     result: PassResult) -> None:
+        assert self.cleaner is not None
+        volume = next((v for v in found.volumes if v.host_path == decision.key), None)
+        cls = self.config.storage_class(volume.class_name) if volume else None
+        if volume is None or cls is None:
+            return
+        mount_dir = snapshot.real_dirs.get(cls.name, cls.mount_dir)
+        real = os.path.realpath(volume.mount_path)
+        nested = tuple(m.mount_point for m in snapshot.mounts
+                       if m.mount_point.startswith(real.rstrip("/") + "/"))
+        job = CleanJob(
+            key=decision.key, pv_name=decision.pv_name, pv_uid=decision.pv_uid,
+            class_name=cls.name, mode=volume.volume_mode, raw_device=volume.is_block_device,
+            container_path=volume.mount_path, mount_dir=mount_dir, device=volume.device,
+            command=cls.block_cleaner_command, nested_mounts=nested,
+            capacity_bytes=volume.capacity_bytes)
+        if decision.pv_name is not None:
+            record = {"state": "running", "by": self.instance, "heartbeat": time.time(),
+                      "attempts": decision.attempts,
+                      "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            try:  # durable first: a restart finds the record and cleans again
+                self.cache.put(self.kube.patch_pv_annotations(
+                    decision.pv_name, decision.resource_version,
+                    {CLEANING_ANNOTATION: json.dumps(record)}))
+            except ApiError as exc:
+                if not exc.conflict:
+                    result.errors += 1
+                log.info("not cleaning PV %s now: %s", decision.pv_name, exc)
+                return
+            self._heartbeats[decision.pv_name] = time.monotonic()
+        if self.cleaner.submit(job):
+            log.info("cleaning %s (%s) for %s", decision.key,
+                     "block cleaner" if job.raw_device else "filesystem",
+                     f"released PV {decision.pv_name}" if decision.pv_name
+                     else "a volume whose PV was deleted before it was cleaned")
+
+    def _renew_cleanings(self) -> None:
+        """Keep the heartbeat of running cleans fresh, so a twin agent leaves them alone."""
+        if self.cleaner is None:
+            return
+        due = time.monotonic() - self.clean_stale_after / 3
+        cached = self.cache.snapshot()
+        running = self.cleaner.running()
+        for name, last in list(self._heartbeats.items()):
+            pv = cached.get(name)
+            if pv is None or local_path(pv) not in running:
+                self._heartbeats.pop(name, None)
+                continue
+            if last > due:
+                continue
+            record = {**cleaning_state(pv), "heartbeat": time.time()}
+            try:
+                self.cache.put(self.kube.patch_pv_annotations(
+                    name, pv["metadata"].get("resourceVersion", ""),
+                    {CLEANING_ANNOTATION: json.dumps(record)}))
+                self._heartbeats[name] = time.monotonic()
+            except ApiError as exc:
+                log.warning("renewing the cleaning record of PV %s: %s", name, exc)
+
+    def _collect_cleanings(self) -> None:
+        """Act on finished cleanings: delete the PV and forget the dirt, or record the failure."""
+        if self.cleaner is None:
+            return
+        for outcome in self.cleaner.collect():
+            if self.on_clean is not None:
+                self.on_clean(outcome)
+            if outcome.ok:
+                self._clean_succeeded(outcome)
+            else:
+                self._clean_failed(outcome)
+
+    def _clean_succeeded(self, outcome: CleanOutcome) -> None:
+        job = outcome.job
+        if job.pv_name is not None:
+            try:
+                self.kube.delete_pv(job.pv_name, job.pv_uid)
+            except ApiError as exc:
+                if not exc.not_found:
+                    log.warning("cleaned %s but deleting PV %s failed: %s; cleaning again later",
+                                job.key, job.pv_name, exc)
+                    return
+            self.cache.forget(job.pv_name, job.pv_uid)
+        if self.dirty is not None:
+            self.dirty.clear(job.key)
+        self._clean_retry.pop(job.key, None)
+        what = f"PV {job.pv_name} deleted" if job.pv_name else "no PV existed"
+        self._emit(Notice("Node", self.node.name, "Normal", "VolumeCleaned",
+                          f"{job.key} cleaned in {outcome.seconds:.1f}s ({outcome.detail}); "
+                          f"{what}; it is offered again", key=""))
+        self.wake.set()  # offer it again now
+
+    def _clean_failed(self, outcome: CleanOutcome) -> None:
+        job = outcome.job
+        if job.pv_name is None:
+            _, attempts = self._clean_retry.get(job.key, (0.0, 0))
+            self._clean_retry[job.key] = (time.time() + retry_delay(attempts + 1), attempts + 1)
+            self._notify([Notice("Node", self.node.name, "Warning", "VolumeFailedDelete",
+                                 f"cleaning {job.key} failed: {outcome.detail}",
+                                 key=f"clean-failed/{job.key}/{attempts + 1}")])
+            return
+        pv = self.cache.snapshot().get(job.pv_name)
+        if pv is None:
+            return
+        attempts = int(cleaning_state(pv).get("attempts", 0)) + 1
+        delay = retry_delay(attempts)
+        record = {"state": "failed", "attempts": attempts, "retryAfter": time.time() + delay,
+                  "error": outcome.detail[:500]}
+        try:
+            self.cache.put(self.kube.patch_pv_annotations(
+                job.pv_name, pv["metadata"].get("resourceVersion", ""),
+                {CLEANING_ANNOTATION: json.dumps(record)}))
+        except ApiError as exc:
+            log.warning("recording the failed clean of PV %s: %s", job.pv_name, exc)
+        self._notify([Notice("PersistentVolume", job.pv_name, "Warning", "VolumeFailedDelete",
+                             f"cleaning {job.key} failed (attempt {attempts}, next in "
+                             f"{delay:.0f}s): {outcome.detail}",
+                             key=f"clean-failed/{job.pv_name}/{attempts}",
+                             uid=pv["metadata"].get("uid", ""))])
 
     def _withdraw(self, withdrawal: Withdrawal, result: PassResult) -> None:
         """Delete an unbound PV whose disk is gone, only if nobody touched it since we looked."""
@@ -280,12 +455,12 @@ class Reconciler:
             log.warning("withdrawing PV %s: %s", withdrawal.name, exc)
             return
         result.withdrawn += 1
+        self.cache.forget(withdrawal.name, withdrawal.uid)
         log.warning("withdrew PV %s: the disk behind %s is gone and the PV was unbound",
                     withdrawal.name, withdrawal.path)
-        self._notify([Notice("Node", self.node.name, "Warning", "VolumeWithdrawn",
-                             f"PV {withdrawal.name} deleted: the disk behind {withdrawal.path} "
-                             "is gone and nothing had claimed it",
-                             key=f"withdrawn/{withdrawal.uid}")])
+        self._emit(Notice("Node", self.node.name, "Warning", "VolumeWithdrawn",
+                          f"PV {withdrawal.name} deleted: the disk behind {withdrawal.path} "
+                          "is gone and nothing had claimed it", key=""))
 
     def _resolve_conflict(self, name: str, path: str, result: PassResult) -> None:
         """The name exists already: adopt it when it is this node's PV for the same path."""
@@ -360,9 +535,11 @@ class Reconciler:
                     if event_type == "BOOKMARK":
                         self.cache.version = pv["metadata"]["resourceVersion"]
                         continue
+                    before = self.cache.get(pv["metadata"]["name"])
                     self.cache.apply(event_type, pv)
-                    if event_type == "DELETED" and not self.poll_period:
-                        self.waker.wake("pv-deleted")  # recreate a PV deleted by hand now
+                    if not self.poll_period and _phase_changed(event_type, before, pv):
+                        # a PV deleted by hand is recreated now, a Released one cleaned now
+                        self.waker.wake("pv-" + event_type.lower())
                 backoff.reset()
             except ApiError as exc:
                 if exc.gone:
@@ -390,28 +567,32 @@ class Reconciler:
                 log.info("condition cleared: %s", key)
             self._emitted -= cleared
         for notice in notices:
-            if notice.key in self._emitted:
-                continue
-            ref = {"kind": notice.kind, "name": notice.name, "apiVersion": "v1"}
-            uid = notice.uid or (self.node.uid if notice.kind == "Node" else "")
-            if uid:
-                ref["uid"] = uid
-            if notice.namespace:
-                ref["namespace"] = notice.namespace
-            try:
-                self.kube.emit_event(ref, notice.event_type, notice.reason, notice.message,
-                                     self.node.name)
+            if notice.key not in self._emitted and self._emit(notice):
                 self._emitted.add(notice.key)
-            except ApiError as exc:
-                log.warning("event %s on %s %s: %s", notice.reason, notice.kind, notice.name,
-                            exc)
-            if notice.event_type == "Warning":
-                log.warning("%s %s: %s", notice.reason, notice.name, notice.message)
+
+    def _emit(self, notice: Notice) -> bool:
+        """One Event, now; False when the API refused it (it is tried again next pass)."""
+        ref = {"kind": notice.kind, "name": notice.name, "apiVersion": "v1"}
+        uid = notice.uid or (self.node.uid if notice.kind == "Node" else "")
+        if uid:
+            ref["uid"] = uid
+        if notice.namespace:
+            ref["namespace"] = notice.namespace
+        if notice.event_type == "Warning":
+            log.warning("%s %s: %s", notice.reason, notice.name, notice.message)
+        try:
+            self.kube.emit_event(ref, notice.event_type, notice.reason, notice.message,
+                                 self.node.name)
+        except ApiError as exc:
+            log.warning("event %s on %s %s: %s", notice.reason, notice.kind, notice.name, exc)
+            return False
+        return True
 
     def _wait_until(self, deadline: float, tick: float = 5.0) -> None:
         """Sleep until woken, stopped or the deadline, beating the heart every `tick`."""
         while not self.stop.is_set():
             self.state.heartbeat = time.monotonic()
+            self._renew_cleanings()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -422,3 +603,16 @@ class Reconciler:
 
     def _sleep(self, seconds: float) -> None:
         self.stop.wait(seconds)
+
+
+def _phase_changed(event_type: str, before: PV | None, after: PV) -> bool:
+    """Whether a watch event is worth a pass: a PV gone, or its phase or claim changed."""
+    if event_type == "DELETED":
+        return True
+    if before is None:
+        return False  # ADDED: usually this agent's own create
+
+    def key(pv: PV) -> tuple[object, object]:
+        return ((pv.get("status") or {}).get("phase"), (pv.get("spec") or {}).get("claimRef"))
+
+    return key(before) != key(after)

@@ -23,8 +23,6 @@ log = logging.getLogger(__name__)
 
 PREFIX = "local_volume_provisioner"  # upstream-compatible names
 OWN = "localpv_agent"  # this agent's own metrics
-HTTP_METHOD = {"get": "GET", "list": "GET", "watch": "GET", "create": "POST",
-               "delete": "DELETE", "patch": "PATCH", "update": "PUT"}
 
 
 @dataclass(frozen=True)
@@ -149,25 +147,59 @@ class Metrics:
         self.pass_duration = Histogram(f"{OWN}_discovery_pass_duration_seconds",
                                        "Duration of one discovery and reconcile pass.",
                                        registry=r)
+        self.deleted = Counter(f"{PREFIX}_persistentvolume_delete_total",
+                               "PVs cleaned and deleted, by volume mode and type (process).",
+                               ["mode", "type"], registry=r)
+        self.delete_failed = Counter(f"{PREFIX}_persistentvolume_delete_failed_total",
+                                     "Failed cleanings of released PVs, by mode and type.",
+                                     ["mode", "type"], registry=r)
+        self.delete_duration = Histogram(
+            f"{PREFIX}_persistentvolume_delete_duration_seconds",
+            "Time to clean a released PV, by mode, type, capacity and cleanup command.",
+            ["mode", "type", "capacity", "cleanup_command"], registry=r)
+        self.cleanings = Counter(f"{OWN}_cleanings_total",
+                                 "Cleanings of released or dirty volumes, by class, mode, result.",
+                                 ["class", "mode", "result"], registry=r)
+        self.cleaning_duration = Histogram(
+            f"{OWN}_cleaning_duration_seconds", "Time to clean a volume, by class and mode.",
+            ["class", "mode"], buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 14400),
+            registry=r)
         self.event_to_pv = Histogram(
             f"{OWN}_event_to_pv_seconds",
             "From the wake-up (udev, mount, inotify) to the PV created for it.",
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r)
 
+    def observe_clean(self, class_name: str, mode: str, ok: bool, seconds: float,
+                      capacity: str, command: str) -> None:
+        self.cleanings.labels(class_name, mode, "success" if ok else "failure").inc()
+        if ok:
+            self.deleted.labels(mode, "process").inc()
+            self.delete_duration.labels(mode, "process", capacity, command).observe(seconds)
+            self.cleaning_duration.labels(class_name, mode).observe(seconds)
+        else:
+            self.delete_failed.labels(mode, "process").inc()
+
     def watch_state(self, sample: Callable[[], AgentSample]) -> None:
         self.registry.register(StateCollector(sample))
 
     def observe_request(self, verb: str, outcome: str, seconds: float) -> None:
-        method = HTTP_METHOD.get(verb, verb.upper())
+        method = verb  # the upstream labels requests by verb ("create", "delete")
         self.api_requests.labels(method).inc()
         if outcome != "ok":
             self.api_failures.labels(method).inc()
         if verb != "watch":  # a watch lasts minutes by design; it would drown the latencies
             self.api_duration.labels(method).observe(seconds)
 
-    def observe_created(self, mode: str, seconds: float) -> None:
-        self.discovered.labels(mode).inc()
-        self.discovery_duration.labels(mode).observe(seconds)
+    def observe_pass(self, created_by_mode: Mapping[str, int], seconds: float,
+                     woken_at: float | None) -> None:
+        """A pass ended: its duration, the PVs it created, and how long after the wake-up."""
+        self.pass_duration.observe(seconds)
+        for mode, count in created_by_mode.items():
+            for _ in range(count):
+                self.discovered.labels(mode).inc()
+                self.discovery_duration.labels(mode).observe(seconds)
+                if woken_at is not None:
+                    self.event_to_pv.observe(time.monotonic() - woken_at)
 
 
 class HealthServer:

@@ -8,6 +8,7 @@ and nothing here ever decides to modify or delete a PV the agent does not own.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any
 
 from agent.discovery import Exclusion, VolumeState
 from agent.volumes import (
+    ANNOTATION_PREFIX,
     HOSTNAME_LABEL,
     MANAGED_BY,
     MANAGED_BY_LABEL,
@@ -24,6 +26,8 @@ from agent.volumes import (
 )
 
 PV = Mapping[str, Any]
+CLEANING_ANNOTATION = ANNOTATION_PREFIX + "cleaning"
+RETRY_BASE, RETRY_MAX = 30.0, 3600.0
 
 
 @dataclass(frozen=True)
@@ -235,3 +239,98 @@ def _duplicate_notices(by_path: Mapping[str, Sequence[PV]]) -> Iterable[Notice]:
                              f"{len(pvs)} PVs for one volume at {path!r}: {', '.join(names)}; "
                              "none is deleted automatically",
                              key=f"duplicate/{path}/{','.join(names)}")
+
+
+@dataclass(frozen=True)
+class CleanDecision:
+    """Clean the volume at `key` (a host path); then delete its PV, if it has one."""
+
+    key: str
+    pv_name: str | None
+    pv_uid: str = ""
+    resource_version: str = ""
+    attempts: int = 0  # earlier failed attempts
+
+
+@dataclass(frozen=True)
+class Recycling:
+    clean: tuple[CleanDecision, ...] = ()
+    hold: frozenset[str] = frozenset()  # host paths not to offer: dirty, not cleaned yet
+    cleaning: frozenset[str] = frozenset()  # PV names with a clean running or pending retry
+    notices: tuple[Notice, ...] = ()
+
+
+def cleaning_state(pv: PV) -> dict[str, Any]:
+    """The durable cleaning record on a PV (`{}` when none)."""
+    raw = ((pv.get("metadata") or {}).get("annotations") or {}).get(CLEANING_ANNOTATION)
+    try:
+        record = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def retry_delay(attempts: int) -> float:
+    return float(min(RETRY_MAX, RETRY_BASE * 2 ** max(0, attempts - 1)))
+
+
+def recycle(
+    ours: Mapping[str, PV],
+    states: Mapping[str, tuple[VolumeState, Mapping[str, str]]],
+    present: frozenset[str],
+    dirty: frozenset[str],
+    running: frozenset[str],
+    now: float,
+    retry_at: Mapping[str, float] | None = None,
+    me: str = "",
+    stale_after: float = 60.0,
+) -> Recycling:
+    """Which released or dirty volumes to clean now, and which volumes not to offer.
+
+    A Released PV with reclaim policy Delete is cleaned only when its disk is present and
+    unchanged. A dirty volume without a PV (deleted by hand) is cleaned before it is offered.
+    A clean recorded on the PV by another agent instance (`me` is this one) whose heartbeat is
+    younger than `stale_after` is that instance's; an older one was interrupted and resumes.
+    """
+    decisions: list[CleanDecision] = []
+    notices: list[Notice] = []
+    cleaning: set[str] = set()
+    pv_paths = {local_path(pv) for pv in ours.values()}
+    for name, pv in sorted(ours.items()):
+        meta, spec = pv["metadata"], pv.get("spec") or {}
+        if (pv.get("status") or {}).get("phase") != "Released" or meta.get("deletionTimestamp"):
+            continue
+        policy = spec.get("persistentVolumeReclaimPolicy", "Delete")
+        if policy == "Retain":
+            continue
+        uid = meta.get("uid", "")
+        if policy != "Delete":
+            notices.append(Notice("PersistentVolume", name, "Warning",
+                                  "VolumeUnsupportedReclaimPolicy",
+                                  f"reclaim policy {policy!r} is not supported; the volume is "
+                                  "left as it is", key=f"policy/{name}/{uid}", uid=uid))
+            continue
+        path = local_path(pv) or ""
+        state, identity = states.get(name, (VolumeState.UNKNOWN, {}))
+        if state is not VolumeState.PRESENT or _identity_changes(pv, identity):
+            continue  # missing or different disk: reported elsewhere, never cleaned
+        record = cleaning_state(pv)
+        if path in running:
+            cleaning.add(name)
+            continue
+        if (record.get("state") == "running" and record.get("by") != me
+                and now - float(record.get("heartbeat", 0)) < stale_after):
+            cleaning.add(name)  # another live instance (a twin during a rollout) cleans it
+            continue
+        if record.get("state") == "failed" and float(record.get("retryAfter", 0)) > now:
+            cleaning.add(name)
+            continue
+        cleaning.add(name)
+        decisions.append(CleanDecision(path, name, uid, meta.get("resourceVersion", ""),
+                                       int(record.get("attempts", 0))))
+    hold = frozenset(p for p in dirty if p not in pv_paths)
+    for path in sorted(hold & present):
+        if path in running or (retry_at or {}).get(path, 0) > now:
+            continue
+        decisions.append(CleanDecision(path, None))
+    return Recycling(tuple(decisions), hold, frozenset(cleaning), tuple(notices))

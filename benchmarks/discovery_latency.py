@@ -18,6 +18,7 @@ import argparse
 import ctypes
 import json
 import os
+import random
 import re
 import statistics
 import subprocess
@@ -39,6 +40,7 @@ from tests.e2e.agents import Agent, items, wait_for, write_token_kubeconfig  # n
 from tests.harness.controlplane import ControlPlane  # noqa: E402
 
 CLASS = "local-storage"
+POLL_PERIOD = 10.0  # the upstream provisioner's default
 REQUESTS = re.compile(
     r'^localpv_agent_api_requests_total\{result="(\w+)",verb="(\w+)"\} ([0-9.e+]+)$', re.M)
 LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -105,7 +107,8 @@ def latency_trials(mode: str, trials: int, cluster: ControlPlane, pvw: PVWatch,
     cfg = work / node / "config.yaml"
     cfg.write_text(yaml.safe_dump({"storageClassMap": {CLASS: {
         "hostDir": "/mnt/disks", "mountDir": str(disc)}}}))
-    extra = ("--discovery-mode", "poll", "--discovery-period", "10") if mode == "poll" else ()
+    extra = ("--discovery-mode", "poll", "--discovery-period", str(POLL_PERIOD)) \
+        if mode == "poll" else ()
     agent = Agent(node, cfg, kubeconfig, work, *extra).start()
     disks = Disks(work / node)
     results = []
@@ -115,6 +118,8 @@ def latency_trials(mode: str, trials: int, cluster: ControlPlane, pvw: PVWatch,
             device = disks.loop(f"t{i}", size_mib=16, fs="ext4")
             target = disc / f"disk-{i}"
             target.mkdir()
+            # Disks appear at random moments, not in step with a poll timer.
+            time.sleep(random.uniform(0, POLL_PERIOD if mode == "poll" else 0.5))
             sh("mount", device, str(target))
             mounted = time.monotonic()
             seen = pvw.wait_added(pv_name(f"disk-{i}", node, CLASS), timeout=60)

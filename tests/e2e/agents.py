@@ -56,7 +56,8 @@ class Agent:
                 [sys.executable, "-m", "agent.cli", "run", "--config", str(self.config),
                  "--node-name", self.node, "--kubeconfig", str(self.kubeconfig),
                  "--listen-address", "127.0.0.1:0", "--port-file", str(self.port_file),
-                 "--resync-period", "3600", *self.extra],
+                 "--resync-period", "3600",
+                 "--state-dir", str(self.workdir / f"state-{self.node}"), *self.extra],
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                 env={k: v for k, v in os.environ.items() if k != "MY_NODE_NAME"},
             )

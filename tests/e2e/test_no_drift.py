@@ -164,9 +164,17 @@ def test_statefulset_pods_never_drift_from_their_data(
         first = again
 
 
+def settled(cluster: ControlPlane, node: str) -> list[dict[str, Any]]:
+    """The node's two PVs, once any recycling from earlier tests is over (all Available)."""
+    return wait_for(lambda: len(p := pvs_of(cluster, node)) == 2 and all(
+        pv.get("status", {}).get("phase") == "Available" for pv in p) and p, 60,
+        f"{node}'s PVs available")
+
+
 def test_restarted_agent_creates_no_duplicate(
     cluster: ControlPlane, node_disks: dict[str, NodeDisks], agents: dict[str, Agent]
 ) -> None:
+    settled(cluster, "node-1")
     before = sorted((pv["metadata"]["name"], pv["metadata"]["uid"])
                     for pv in pvs_of(cluster, "node-1"))
     took = agents["node-1"].stop()
@@ -185,7 +193,7 @@ def test_second_agent_for_the_same_node_creates_no_duplicate(
     cluster: ControlPlane, node_disks: dict[str, NodeDisks], agents: dict[str, Agent],
     agent_kubeconfig: Path, workdir: Path
 ) -> None:
-    before = sorted(pv["metadata"]["uid"] for pv in pvs_of(cluster, "node-2"))
+    before = sorted(pv["metadata"]["uid"] for pv in settled(cluster, "node-2"))
     twin = Agent("node-2", node_disks["node-2"].config, agent_kubeconfig, workdir).start()
     try:
         twin.wait_ready()
