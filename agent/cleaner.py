@@ -76,6 +76,9 @@ def clean_filesystem(root: str, device: int, skip: Iterable[str] = ()) -> FsRepo
         _empty_tree(fd, posixpath.normpath(root), st, skip_set, report)
     finally:
         os.close(fd)
+    if report.flags_cleared:
+        log.warning("%s: cleared immutable/append-only flags on %d entries to remove them "
+                    "(first: %r)", root, len(report.flags_cleared), report.flags_cleared[0])
     problems = [f"nested mount {p!r} left alone" for p in report.nested_mounts]
     problems += report.resisted
     if problems:
@@ -223,6 +226,8 @@ def run_block_cleaner(command: Sequence[str], device: str, timeout: float,
     argv = list(command)
     if shutil.which("ionice"):
         argv = ["ionice", "-c", "3", *argv]
+    if shutil.which("setpriv"):  # the cleaner dies with the agent: a restart never races it
+        argv = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
     env = {**os.environ, "LOCAL_PV_BLKDEVICE": device}
     log.info("clean %s: running %s on %s", label, " ".join(command), device)
     try:

@@ -107,7 +107,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
                             resync_period=resync or 300.0, on_pass=on_pass,
                             poll_period=args.discovery_period if poll else None,
                             withdraw_missing=args.withdraw_missing, dirty=dirty,
-                            on_clean=on_clean, clean_stale_after=args.clean_stale_after)
+                            on_clean=on_clean, clean_stale_after=args.clean_stale_after,
+                            clean_retry_base=args.clean_retry_base)
     reconciler.cleaner = Cleaner(args.clean_concurrency, args.clean_timeout,
                                  on_done=lambda: reconciler.waker.wake("cleaner"))
     metrics.watch_state(lambda: sample_state(reconciler, kube))
@@ -325,6 +326,9 @@ def _parser() -> argparse.ArgumentParser:
     run_p.add_argument("--clean-stale-after", type=float, default=60.0,
                        help="seconds without a heartbeat after which another instance's "
                             "clean counts as interrupted and resumes (default: %(default)s)")
+    run_p.add_argument("--clean-retry-base", type=float, default=30.0,
+                       help="first retry delay after a failed clean, doubling up to an hour "
+                            "(default: %(default)s)")
     return parser
 
 

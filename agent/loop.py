@@ -145,6 +145,7 @@ class Reconciler:
         dirty: DirtyStore | None = None,
         on_clean: Callable[[CleanOutcome], None] | None = None,
         clean_stale_after: float = 60.0,
+        clean_retry_base: float = 30.0,
     ) -> None:
         self.kube = kube
         self.reader = reader
@@ -161,6 +162,7 @@ class Reconciler:
         self._clean_retry: dict[str, tuple[float, int]] = {}  # PV-less volumes: (when, attempts)
         self.instance = f"{node_name}/{uuid.uuid4().hex[:12]}"  # tells a twin from a restart
         self.clean_stale_after = clean_stale_after
+        self.clean_retry_base = clean_retry_base
         self._heartbeats: dict[str, float] = {}  # PV name -> when its record was last renewed
         self.node = NodeInfo(name=node_name)
         self.cache = PVCache()
@@ -287,6 +289,8 @@ class Reconciler:
             for decision in recycling.clean:
                 self._start_clean(decision, found, snapshot, result)
         self._notify(list(recycling.notices))
+        for when in recycling.recheck:
+            self.waker.wake_at(time.monotonic() + max(0.0, when - time.time()) + 0.1)
         conditions = ("missing/", "changed/")  # re-reported after they clear and come back
         self._notify([n for n in the_plan.notices if not n.key.startswith(conditions)])
         self._notify([n for n in the_plan.notices if n.key.startswith(conditions)],
@@ -418,7 +422,9 @@ class Reconciler:
         job = outcome.job
         if job.pv_name is None:
             _, attempts = self._clean_retry.get(job.key, (0.0, 0))
-            self._clean_retry[job.key] = (time.time() + retry_delay(attempts + 1), attempts + 1)
+            self._clean_retry[job.key] = (
+                time.time() + retry_delay(attempts + 1, self.clean_retry_base), attempts + 1)
+            self.waker.wake_at(time.monotonic() + retry_delay(attempts + 1, self.clean_retry_base))
             self._notify([Notice("Node", self.node.name, "Warning", "VolumeFailedDelete",
                                  f"cleaning {job.key} failed: {outcome.detail}",
                                  key=f"clean-failed/{job.key}/{attempts + 1}")])
@@ -427,7 +433,7 @@ class Reconciler:
         if pv is None:
             return
         attempts = int(cleaning_state(pv).get("attempts", 0)) + 1
-        delay = retry_delay(attempts)
+        delay = retry_delay(attempts, self.clean_retry_base)
         record = {"state": "failed", "attempts": attempts, "retryAfter": time.time() + delay,
                   "error": outcome.detail[:500]}
         try:
@@ -436,6 +442,7 @@ class Reconciler:
                 {CLEANING_ANNOTATION: json.dumps(record)}))
         except ApiError as exc:
             log.warning("recording the failed clean of PV %s: %s", job.pv_name, exc)
+        self.waker.wake_at(time.monotonic() + delay)
         self._notify([Notice("PersistentVolume", job.pv_name, "Warning", "VolumeFailedDelete",
                              f"cleaning {job.key} failed (attempt {attempts}, next in "
                              f"{delay:.0f}s): {outcome.detail}",
@@ -590,6 +597,7 @@ class Reconciler:
 
     def _wait_until(self, deadline: float, tick: float = 5.0) -> None:
         """Sleep until woken, stopped or the deadline, beating the heart every `tick`."""
+        deadline = min(deadline, self.waker.next_alarm())
         while not self.stop.is_set():
             self.state.heartbeat = time.monotonic()
             self._renew_cleanings()

@@ -258,6 +258,7 @@ class Recycling:
     hold: frozenset[str] = frozenset()  # host paths not to offer: dirty, not cleaned yet
     cleaning: frozenset[str] = frozenset()  # PV names with a clean running or pending retry
     notices: tuple[Notice, ...] = ()
+    recheck: tuple[float, ...] = ()  # epoch times when a waiting clean may start
 
 
 def cleaning_state(pv: PV) -> dict[str, Any]:
@@ -270,8 +271,8 @@ def cleaning_state(pv: PV) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
-def retry_delay(attempts: int) -> float:
-    return float(min(RETRY_MAX, RETRY_BASE * 2 ** max(0, attempts - 1)))
+def retry_delay(attempts: int, base: float = RETRY_BASE) -> float:
+    return float(min(RETRY_MAX, base * 2 ** max(0, attempts - 1)))
 
 
 def recycle(
@@ -295,6 +296,7 @@ def recycle(
     decisions: list[CleanDecision] = []
     notices: list[Notice] = []
     cleaning: set[str] = set()
+    recheck: list[float] = []
     pv_paths = {local_path(pv) for pv in ours.values()}
     for name, pv in sorted(ours.items()):
         meta, spec = pv["metadata"], pv.get("spec") or {}
@@ -321,9 +323,11 @@ def recycle(
         if (record.get("state") == "running" and record.get("by") != me
                 and now - float(record.get("heartbeat", 0)) < stale_after):
             cleaning.add(name)  # another live instance (a twin during a rollout) cleans it
+            recheck.append(float(record.get("heartbeat", 0)) + stale_after)
             continue
         if record.get("state") == "failed" and float(record.get("retryAfter", 0)) > now:
             cleaning.add(name)
+            recheck.append(float(record.get("retryAfter", 0)))
             continue
         cleaning.add(name)
         decisions.append(CleanDecision(path, name, uid, meta.get("resourceVersion", ""),
@@ -333,4 +337,5 @@ def recycle(
         if path in running or (retry_at or {}).get(path, 0) > now:
             continue
         decisions.append(CleanDecision(path, None))
-    return Recycling(tuple(decisions), hold, frozenset(cleaning), tuple(notices))
+    return Recycling(tuple(decisions), hold, frozenset(cleaning), tuple(notices),
+                     tuple(recheck))

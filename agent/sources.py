@@ -39,6 +39,7 @@ class Waker:
         self.failures: Counter[str] = Counter()
         self.active: dict[str, bool] = {}
         self.first_wake: float | None = None  # monotonic time of the oldest unserved wake-up
+        self._alarms: list[float] = []
         self._lock = threading.Lock()
 
     def wake(self, source: str) -> None:
@@ -54,6 +55,18 @@ class Waker:
             self.failures[source] += 1
         log.warning("wake-up source %s failed (%s); resyncing", source, why)
         self.wake(f"{source}-recovery")
+
+    def wake_at(self, when: float) -> None:
+        """Ask for a pass at a monotonic time (a retry), without a thread of its own."""
+        with self._lock:
+            self._alarms.append(when)
+
+    def next_alarm(self) -> float:
+        """The earliest requested pass still ahead; past ones are dropped."""
+        now = time.monotonic()
+        with self._lock:
+            self._alarms = [t for t in self._alarms if t > now]
+            return min(self._alarms, default=float("inf"))
 
     def take_first_wake(self) -> float | None:
         with self._lock:

@@ -1,0 +1,309 @@
+"""Recycling released volumes on real disks: cleaned, then offered again; nothing else touched.
+
+Each test gets its own fake Node and agent. Claims are pre-bound to a PV (`volumeName`), so the
+real PV controller binds and, when the claim is deleted, releases them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from agent.volumes import pv_name
+from tests.disks import Disks, disks, sh
+from tests.e2e.agents import REPO, Agent, events_for, pvs_of, wait_for
+from tests.harness.controlplane import ControlPlane
+
+FS, BLOCK = "local-storage", "local-block"
+CLEANERS = REPO / "scripts" / "cleaners"
+FAST = ("--clean-retry-base", "1", "--clean-stale-after", "3")
+
+
+@dataclass
+class Node:
+    name: str
+    fs_dir: Path
+    block_dir: Path
+    config: Path
+    work: Path
+    disks: Disks
+    cluster: ControlPlane
+    kubeconfig: Path
+    agent: Agent | None = None
+
+    def start(self, *extra: str) -> Agent:
+        self.agent = Agent(self.name, self.config, self.kubeconfig, self.work, *FAST,
+                           *extra).start()
+        self.agent.wait_ready()
+        return self.agent
+
+    def pv(self, entry: str, cls: str = FS) -> dict[str, Any] | None:
+        return self.pv_by_name(pv_name(entry, self.name, cls))
+
+    def pv_by_name(self, name: str) -> dict[str, Any] | None:
+        status, body = self.cluster.api("GET", f"/api/v1/persistentvolumes/{name}")
+        return body if status == 200 else None
+
+    def log(self) -> str:
+        return self.agent.log() if self.agent else ""
+
+
+@pytest.fixture
+def node(cluster: ControlPlane, agent_kubeconfig: Path, tmp_path: Path,
+         request: pytest.FixtureRequest) -> Iterator[Node]:
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    cluster.add_node(name)
+    fs_dir, block_dir = tmp_path / "disks", tmp_path / "block"
+    fs_dir.mkdir()
+    block_dir.mkdir()
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"storageClassMap": {
+        FS: {"hostDir": "/mnt/disks", "mountDir": str(fs_dir)},
+        BLOCK: {"hostDir": "/mnt/block", "mountDir": str(block_dir), "volumeMode": "Block",
+                "blockCleanerCommand": [str(CLEANERS / "dd_zero.sh")]},
+    }}))
+    with disks(tmp_path) as d:
+        n = Node(name, fs_dir, block_dir, config, tmp_path, d, cluster, agent_kubeconfig)
+        try:
+            yield n
+        finally:
+            if n.agent is not None:
+                n.agent.kill()
+            for claim in items_named(cluster, name):
+                cluster.api("DELETE", f"/api/v1/namespaces/default/persistentvolumeclaims/{claim}")
+            for pv in pvs_of(cluster, name):
+                cluster.api("DELETE", f"/api/v1/persistentvolumes/{pv['metadata']['name']}")
+
+
+def items_named(cluster: ControlPlane, prefix: str) -> list[str]:
+    _, body = cluster.api("GET", "/api/v1/namespaces/default/persistentvolumeclaims")
+    return [c["metadata"]["name"] for c in body.get("items", [])
+            if c["metadata"]["name"].startswith(prefix[:30])]
+
+
+def bind(node: Node, pv: dict[str, Any], suffix: str) -> str:
+    claim = f"{node.name[:30]}-{suffix}"
+    status, body = node.cluster.api("POST", "/api/v1/namespaces/default/persistentvolumeclaims", {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
+        "spec": {"storageClassName": pv["spec"]["storageClassName"],
+                 "volumeMode": pv["spec"]["volumeMode"], "accessModes": ["ReadWriteOnce"],
+                 "volumeName": pv["metadata"]["name"],
+                 "resources": {"requests": {"storage": "1Mi"}}},
+    })
+    assert status == 201, body
+    wait_for(lambda: (node.pv_by_name(pv["metadata"]["name"]) or {}).get("status", {})
+             .get("phase") == "Bound", 30, f"{claim} bound")
+    return claim
+
+
+def release(node: Node, claim: str) -> None:
+    status, _ = node.cluster.api(
+        "DELETE", f"/api/v1/namespaces/default/persistentvolumeclaims/{claim}")
+    assert status == 200
+
+
+def recycled(node: Node, entry: str, old_uid: str, cls: str = FS,
+             timeout: float = 60) -> dict[str, Any]:
+    """Wait for the PV of `entry` to come back as a new object (a new UID), Available."""
+    return wait_for(lambda: (pv := node.pv(entry, cls)) is not None
+                    and pv["metadata"]["uid"] != old_uid
+                    and pv.get("status", {}).get("phase") == "Available" and pv,
+                    timeout, f"{entry} recycled", on_timeout=node.log)
+
+
+def test_filesystem_volume_is_cleaned_and_offered_again(node: Node) -> None:
+    device = node.disks.loop("fsvol", fs="ext4")
+    mount = node.disks.mount(device, node.fs_dir / "vol")
+    node.start()
+    pv = wait_for(lambda: node.pv("vol"), 20, "PV for vol")
+    claim = bind(node, pv, "fs")
+    (mount / "tenant-data").mkdir()
+    (mount / "tenant-data" / "secret.txt").write_text("the old tenant's data\n")
+    release(node, claim)
+    back = recycled(node, "vol", pv["metadata"]["uid"])
+    assert back["metadata"]["name"] == pv["metadata"]["name"]
+    assert os.listdir(mount) == []  # everything gone, the mount point kept
+    assert os.path.ismount(mount)
+    assert any(e["reason"] == "VolumeCleaned" for e in events_for(node.cluster, "Node", node.name))
+
+
+def test_block_volume_is_wiped_by_its_cleaner_and_offered_again(node: Node) -> None:
+    device = node.disks.loop("blkvol", size_mib=24)
+    (node.block_dir / "raw").symlink_to(device)
+    node.start()
+    pv = wait_for(lambda: node.pv("raw", BLOCK), 20, "PV for raw")
+    claim = bind(node, pv, "blk")
+    with open(device, "r+b") as f:
+        f.write(b"TENANT" * 4096)
+        f.seek(20 << 20)
+        f.write(b"TAIL" * 1024)
+    release(node, claim)
+    recycled(node, "raw", pv["metadata"]["uid"], BLOCK)
+    with open(device, "rb") as f:
+        assert f.read() == b"\0" * (24 << 20)
+    assert "dd_zero: writing" in node.log()  # the cleaner's output streamed to the log
+
+
+def write_hostile_tree(node: Node, mount: Path, outside: Path, other: Path) -> Path:
+    """What a tenant could leave behind; returns the nested mount it also left."""
+    (mount / "to-etc").symlink_to("/etc")
+    (mount / "to-outside").symlink_to(outside)
+    (mount / "to-other-volume").symlink_to(other)
+    (mount / "to-discovery-dir").symlink_to(node.fs_dir)
+    (mount / "dir-link").symlink_to("/etc", target_is_directory=True)
+    deep = os.open(mount, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(10_000):  # deeper than PATH_MAX allows to name: walked by descriptors
+        os.mkdir("d", dir_fd=deep)
+        nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=deep)
+        os.close(deep)
+        deep = nxt
+    os.close(deep)
+    (mount / "new\nline").write_text("x")
+    with open(os.path.join(os.fsencode(mount), b"bad-\xff-utf8"), "w") as f:
+        f.write("x")
+    ro_dir = mount / "read-only"
+    ro_dir.mkdir()
+    (ro_dir / "file").write_text("x")
+    (ro_dir / "file").chmod(0o444)
+    ro_dir.chmod(0o555)
+    (mount / "immutable").write_text("x")
+    sh("chattr", "+i", str(mount / "immutable"))
+    (mount / "append-only").write_text("x")
+    sh("chattr", "+a", str(mount / "append-only"))
+    nested = node.disks.tmpfs(mount / "nested-mount")
+    (nested / "not-this-volume.txt").write_text("nested data")
+    return nested
+
+
+def test_hostile_contents_touch_nothing_outside_the_volume(node: Node, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("must survive")
+    device = node.disks.loop("hostile", size_mib=128, fs="ext4")
+    mount = node.disks.mount(device, node.fs_dir / "hostile")
+    other = node.disks.tmpfs(node.fs_dir / "other-volume")
+    (other / "other-tenant.txt").write_text("another volume's data")
+    node.start()
+    pv = wait_for(lambda: node.pv("hostile"), 20, "PV for hostile")
+    claim = bind(node, pv, "hostile")
+    nested = write_hostile_tree(node, mount, outside, other)
+
+    release(node, claim)
+    failed = wait_for(lambda: [e for e in events_for(node.cluster, "PersistentVolume",
+                                                     pv["metadata"]["name"])
+                               if e["reason"] == "VolumeFailedDelete"], 60,
+                      "the clean refusing the nested mount", on_timeout=node.log)
+    assert "nested mount" in failed[0]["message"]
+    current = node.pv("hostile")
+    assert current is not None and current["status"]["phase"] == "Released"  # never re-offered
+    assert json.loads(current["metadata"]["annotations"]["localpv-agent.io/cleaning"])[
+        "state"] == "failed"
+    assert (nested / "not-this-volume.txt").read_text() == "nested data"
+    assert sorted(os.listdir(mount)) == ["nested-mount"]  # the rest is already gone
+
+    sh("umount", str(nested))
+    recycled(node, "hostile", pv["metadata"]["uid"], timeout=90)
+    assert os.listdir(mount) == []
+    assert (outside / "keep.txt").read_text() == "must survive"
+    assert (other / "other-tenant.txt").read_text() == "another volume's data"
+    assert sorted(os.listdir(node.fs_dir)) == ["hostile", "other-volume"]
+    assert Path("/etc/hostname").exists() and Path("/etc/passwd").stat().st_size > 0
+    assert "cleared immutable/append-only flags" in node.log()
+
+
+def test_killed_mid_clean_resumes_and_never_offers_dirty(node: Node, tmp_path: Path) -> None:
+    slow = tmp_path / "slow_zero.sh"
+    slow.write_text(f"#!/bin/sh\necho slow: waiting\nsleep 4\nexec {CLEANERS / 'dd_zero.sh'}\n")
+    slow.chmod(0o755)
+    config = yaml.safe_load(node.config.read_text())
+    config["storageClassMap"][BLOCK]["blockCleanerCommand"] = [str(slow)]
+    node.config.write_text(yaml.safe_dump(config))
+    device = node.disks.loop("slowvol", size_mib=16)
+    (node.block_dir / "slow").symlink_to(device)
+    agent = node.start()
+    pv = wait_for(lambda: node.pv("slow", BLOCK), 20, "PV for slow")
+    claim = bind(node, pv, "kill")
+    with open(device, "r+b") as f:
+        f.write(b"DIRTY" * 1000)
+    release(node, claim)
+    wait_for(lambda: "slow: waiting" in agent.log(), 30, "the slow cleaner started")
+    agent.kill()  # SIGKILL: no chance to tidy up
+    time.sleep(1)
+    assert subprocess.run(["pgrep", "-f", str(slow)], capture_output=True,
+                          check=False).returncode != 0  # the cleaner died with the agent
+    current = node.pv("slow", BLOCK)
+    assert current is not None and current["status"]["phase"] == "Released"
+    assert json.loads(current["metadata"]["annotations"]["localpv-agent.io/cleaning"])[
+        "state"] == "running"
+    node.start()
+    back = recycled(node, "slow", pv["metadata"]["uid"], BLOCK, timeout=60)
+    assert back["status"]["phase"] == "Available"
+    with open(device, "rb") as f:
+        assert f.read(1 << 20) == b"\0" * (1 << 20)
+
+
+def test_dirty_pv_deleted_by_hand_is_cleaned_before_it_is_offered(node: Node) -> None:
+    mount = node.disks.tmpfs(node.fs_dir / "handled")
+    agent = node.start()
+    pv = wait_for(lambda: node.pv("handled"), 20, "PV for handled")
+    claim = bind(node, pv, "hand")
+    (mount / "data.bin").write_bytes(b"tenant")
+    time.sleep(1)  # the agent sees the claim and remembers the volume as dirty
+    agent.stop()
+    release(node, claim)
+    wait_for(lambda: (node.pv("handled") or {}).get("status", {}).get("phase") == "Released",
+             30, "released")
+    status, _ = node.cluster.api("DELETE",
+                                 f"/api/v1/persistentvolumes/{pv['metadata']['name']}")
+    assert status == 200
+    wait_for(lambda: node.pv("handled") is None, 30, "the PV deleted by hand")
+    node.start()
+    back = wait_for(lambda: node.pv("handled"), 30, "the volume offered again")
+    assert back["metadata"]["uid"] != pv["metadata"]["uid"]
+    assert os.listdir(mount) == []  # cleaned before the PV was created
+    log = node.log()
+    assert log.index("cleaning /mnt/disks/handled") < log.index("created PV")
+
+
+def test_released_pv_whose_disk_is_missing_is_left_alone(node: Node) -> None:
+    mount = node.disks.tmpfs(node.fs_dir / "vanishing")
+    node.start()
+    pv = wait_for(lambda: node.pv("vanishing"), 20, "PV for vanishing")
+    claim = bind(node, pv, "gone")
+    sh("umount", str(mount))
+    release(node, claim)
+    wait_for(lambda: [e for e in events_for(node.cluster, "PersistentVolume",
+                                            pv["metadata"]["name"])
+                      if e["reason"] == "VolumeMissing"], 30, "a VolumeMissing warning",
+             on_timeout=node.log)
+    time.sleep(2)
+    current = node.pv("vanishing")
+    assert current is not None and current["metadata"]["uid"] == pv["metadata"]["uid"]
+    assert current["status"]["phase"] == "Released"
+    assert "cleaning /mnt/disks/vanishing" not in node.log()
+
+
+def test_retained_pv_is_never_touched(node: Node) -> None:
+    mount = node.disks.tmpfs(node.fs_dir / "kept")
+    node.start()
+    pv = wait_for(lambda: node.pv("kept"), 20, "PV for kept")
+    node.cluster.kubectl("patch", "pv", pv["metadata"]["name"], "-p",
+                         json.dumps({"spec": {"persistentVolumeReclaimPolicy": "Retain"}}))
+    claim = bind(node, pv, "retain")
+    (mount / "keep.me").write_text("retained")
+    release(node, claim)
+    wait_for(lambda: (node.pv("kept") or {}).get("status", {}).get("phase") == "Released",
+             30, "released")
+    time.sleep(2)
+    assert (mount / "keep.me").read_text() == "retained"
+    assert node.pv("kept")["metadata"]["uid"] == pv["metadata"]["uid"]  # type: ignore[index]
