@@ -1,0 +1,58 @@
+"""The filesystem cleaner on a plain directory tree: nothing followed, everything removed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from agent.cleaner import CleanError, capacity_breakdown, clean_filesystem
+
+
+def test_removes_everything_inside_and_follows_no_link(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("x")
+    root = tmp_path / "vol"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "file").write_text("x")
+    (root / "link-out").symlink_to(outside)
+    (root / "a" / "link-file").symlink_to(outside / "keep")
+    (root / "line\nbreak").write_text("x")
+    os.mkfifo(root / "fifo")
+    report = clean_filesystem(str(root), os.stat(root).st_dev)
+    assert os.listdir(root) == []
+    assert (outside / "keep").read_text() == "x"
+    assert (report.files, report.dirs) == (5, 2)
+
+
+def test_deep_tree_beyond_path_max(tmp_path: Path) -> None:
+    root = tmp_path / "vol"
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY)
+    for _ in range(3000):  # 3000 * "/d" is past PATH_MAX (4096)
+        os.mkdir("dd", dir_fd=fd)
+        nxt = os.open("dd", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = nxt
+    os.close(fd)
+    assert clean_filesystem(str(root), os.stat(root).st_dev).dirs == 3000
+    assert os.listdir(root) == []
+
+
+def test_refuses_another_device_and_reports_skipped_mounts(tmp_path: Path) -> None:
+    root = tmp_path / "vol"
+    (root / "inner").mkdir(parents=True)
+    (root / "inner" / "data").write_text("x")
+    with pytest.raises(CleanError, match="not the expected filesystem"):
+        clean_filesystem(str(root), os.stat(root).st_dev + 1)
+    with pytest.raises(CleanError, match=r"nested mount .*inner"):
+        clean_filesystem(str(root), os.stat(root).st_dev, skip=[str(root / "inner")])
+    assert (root / "inner" / "data").exists()
+
+
+@pytest.mark.parametrize(("size", "label"), [(0, "0G"), (1, "500G"), (500 << 30, "500G"),
+                                             ((500 << 30) + 1, "1000G")])
+def test_capacity_breakdown_like_upstream(size: int, label: str) -> None:
+    assert capacity_breakdown(size) == label
