@@ -46,11 +46,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.node_name_given = bool(args.node_name)
     args.node_name = args.node_name or socket.gethostname()
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    log_handler = logging.StreamHandler(sys.stderr)
+    log_handler.setFormatter(JsonFormatter() if args.log_format == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        handlers=[log_handler])
     # The agent retries with its own backoff and logs each failure once.
     logging.getLogger("urllib3").setLevel(logging.ERROR)
     try:
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
                             poll_period=args.discovery_period if poll else None,
                             withdraw_missing=args.withdraw_missing, dirty=dirty,
                             on_clean=on_clean, clean_stale_after=args.clean_stale_after,
-                            clean_retry_base=args.clean_retry_base)
+                            clean_retry_base=args.clean_retry_base, config_path=args.config)
     reconciler.cleaner = Cleaner(args.clean_concurrency, args.clean_timeout,
                                  on_done=lambda: reconciler.waker.wake("cleaner"))
     metrics.watch_state(lambda: sample_state(reconciler, kube))
@@ -225,7 +225,8 @@ def sample_state(reconciler: Reconciler, kube: Kube) -> AgentSample:
     return AgentSample(
         volumes=volumes, offered=offered, excluded=excluded, wakeups=dict(waker.wakeups),
         source_failures=dict(waker.failures), sources_active=dict(waker.active),
-        api_requests=dict(kube.requests))
+        api_requests=dict(kube.requests), config_reloads=dict(reconciler.config_reloads),
+        ready=reconciler.state.first_sync_done and kube.reachable)
 
 
 def render_table(found: Discovery, manifests: Sequence[dict[str, Any]]) -> str:
@@ -250,6 +251,17 @@ def render_table(found: Discovery, manifests: Sequence[dict[str, Any]]) -> str:
         for r in (header, *rows)
     ]
     return "\n".join(lines) + "\n"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line, for log pipelines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
+                 "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
 
 
 def _printable(text: str) -> str:
@@ -278,6 +290,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--node-name", default=env.get("MY_NODE_NAME"),
                         help="this Node's name (default: $MY_NODE_NAME; scan: else the host name)")
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    common.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="log lines as text or as one JSON object each")
     host = common.add_argument_group("host paths")
     host.add_argument("--mountinfo", default="/proc/self/mountinfo")
     host.add_argument("--sys-block", default="/sys/dev/block")

@@ -10,6 +10,7 @@ node's volumes.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -131,6 +132,23 @@ def load_config(path: str | os.PathLike[str]) -> Config:
             raise ConfigError(str(p), _short(data), "the file must hold a mapping of config keys")
         return parse_config(data)
     raise ConfigError("--config", str(p), "no such file or directory")
+
+
+def fingerprint(path: str | os.PathLike[str]) -> str:
+    """A digest of what `load_config` would read, to notice edits (the kubelet swaps a
+    symlink when a mounted ConfigMap changes, so mtimes are not enough)."""
+    p = Path(path)
+    digest = hashlib.sha256()
+    try:
+        if p.is_dir():
+            for entry in sorted(p.iterdir()):
+                if not entry.name.startswith(".") and entry.is_file():
+                    digest.update(entry.name.encode() + b"\0" + entry.read_bytes() + b"\0")
+        else:
+            digest.update(p.read_bytes())
+    except OSError as exc:
+        digest.update(f"unreadable: {exc}".encode())
+    return digest.hexdigest()
 
 
 def parse_config(raw: Mapping[str, Any]) -> Config:

@@ -14,12 +14,13 @@ import os
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from agent.cleaner import Cleaner, CleanJob, CleanOutcome, DirtyStore
-from agent.config import Config
+from agent.config import Config, ConfigError, fingerprint, load_config
 from agent.discovery import Discovery, HostSnapshot, HostView, discover
 from agent.host import HostReader
 from agent.kube import PV, ApiError, Kube
@@ -146,6 +147,7 @@ class Reconciler:
         on_clean: Callable[[CleanOutcome], None] | None = None,
         clean_stale_after: float = 60.0,
         clean_retry_base: float = 30.0,
+        config_path: str | None = None,
     ) -> None:
         self.kube = kube
         self.reader = reader
@@ -162,6 +164,9 @@ class Reconciler:
         self._clean_retry: dict[str, tuple[float, int]] = {}  # PV-less volumes: (when, attempts)
         self.instance = f"{node_name}/{uuid.uuid4().hex[:12]}"  # tells a twin from a restart
         self.clean_stale_after = clean_stale_after
+        self.config_path = config_path
+        self._config_fingerprint = fingerprint(config_path) if config_path else ""
+        self.config_reloads: Counter[str] = Counter()  # "applied" | "rejected"
         self.clean_retry_base = clean_retry_base
         self._heartbeats: dict[str, float] = {}  # PV name -> when its record was last renewed
         self.node = NodeInfo(name=node_name)
@@ -595,12 +600,47 @@ class Reconciler:
             return False
         return True
 
-    def _wait_until(self, deadline: float, tick: float = 5.0) -> None:
+    def _reload_config(self) -> bool:
+        """Apply an edited config; reject a bad edit with an Event and keep the last good one.
+
+        Existing PVs are never rewritten by a reload: new values apply to PVs created later.
+        """
+        if not self.config_path:
+            return False
+        current = fingerprint(self.config_path)
+        if current == self._config_fingerprint:
+            return False
+        self._config_fingerprint = current
+        try:
+            config = load_config(self.config_path)
+        except (ConfigError, OSError) as exc:
+            self.config_reloads["rejected"] += 1
+            self._emit(Notice("Node", self.node.name, "Warning", "ConfigRejected",
+                              f"the edited config {self.config_path} is invalid, the previous "
+                              f"one stays in force: {exc}", key=""))
+            return False
+        before = {c.name for c in self.config.classes}
+        after = {c.name for c in config.classes}
+        self.config = config
+        self.config_reloads["applied"] += 1
+        log.info("config reloaded: classes %s (added %s, removed %s)", sorted(after),
+                 sorted(after - before) or "none", sorted(before - after) or "none")
+        for warning in config.warnings:
+            log.warning("config %s: %s", self.config_path, warning)
+        try:
+            self.refresh_storage_classes()
+        except ApiError as exc:
+            log.warning("reading StorageClasses after a reload: %s", exc)
+        return True  # a pass now, with the new config
+
+    def _wait_until(self, deadline: float, tick: float = 2.0) -> None:
         """Sleep until woken, stopped or the deadline, beating the heart every `tick`."""
         deadline = min(deadline, self.waker.next_alarm())
         while not self.stop.is_set():
             self.state.heartbeat = time.monotonic()
             self._renew_cleanings()
+            if self._reload_config():
+                break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break

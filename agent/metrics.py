@@ -48,6 +48,8 @@ class AgentSample:
     source_failures: Mapping[str, int] = field(default_factory=dict)
     sources_active: Mapping[str, bool] = field(default_factory=dict)
     api_requests: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (verb, result)
+    config_reloads: Mapping[str, int] = field(default_factory=dict)  # result -> count
+    ready: bool = False
 
 
 class StateCollector(Collector):
@@ -121,6 +123,16 @@ class StateCollector(Collector):
         for (verb, result), n in sorted(s.api_requests.items()):
             requests.add_metric([verb, result], n)
         yield requests
+
+        yield GaugeMetricFamily(f"{OWN}_ready", "1 when the first pass is done and the API "
+                                "answers (what /ready says).", value=1 if s.ready else 0)
+
+        reloads = CounterMetricFamily(f"{OWN}_config_reloads",
+                                      "Config edits applied or rejected (the old one kept).",
+                                      labels=["result"])
+        for result in ("applied", "rejected"):
+            reloads.add_metric([result], s.config_reloads.get(result, 0))
+        yield reloads
 
 
 class Metrics:

@@ -13,9 +13,11 @@ from tests.disks import disks
 from tests.e2e.agents import REPO
 from tests.harness.controlplane import ControlPlane
 
+# Kubernetes manifests; config/monitoring holds a PrometheusRule, whose CRD (the Prometheus
+# Operator's) a bare control plane does not have: it is checked with promtool instead.
 MANIFESTS = [REPO / "daemonset.yaml",
              *sorted(p for p in (REPO / "config").rglob("*.yaml")
-                     if "apiVersion" in p.read_text())]
+                     if "apiVersion" in p.read_text() and "monitoring" not in p.parts)]
 
 
 def test_manifest_list_is_not_empty() -> None:
