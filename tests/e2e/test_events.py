@@ -100,14 +100,20 @@ def test_hot_added_disks_get_pvs_without_a_resync(node: Node) -> None:
 def udev_only_volume(node: Node, entry: str) -> None:
     """A symlink to a detached loop device (size 0: excluded), then the device is attached:
     only udev's `change` event can tell the agent."""
-    free = sh("losetup", "--find")
-    (node.block_dir / entry).symlink_to(free)
     image = node.disks.workdir / f"{entry}.img"
     with image.open("wb") as f:
         f.truncate(16 << 20)
-    time.sleep(1)  # the inotify wake-up for the link is served and finds nothing to offer
-    assert node.pv(entry, BLOCK) is None
-    subprocess.run(["losetup", free, str(image)], check=True)
+    link = node.block_dir / entry
+    for _ in range(5):  # another process may take the free device between find and attach
+        free = sh("losetup", "--find")
+        link.unlink(missing_ok=True)
+        link.symlink_to(free)
+        time.sleep(1)  # the inotify wake-up for the link is served and finds nothing to offer
+        assert node.pv(entry, BLOCK) is None
+        if subprocess.run(["losetup", free, str(image)], check=False).returncode == 0:
+            break
+    else:
+        raise AssertionError("no free loop device could be attached")
     node.disks._undo.append(("losetup", "-d", free))
     wait_for(lambda: node.pv(entry, BLOCK), REACT, f"PV for {entry} after attaching {free}",
              on_timeout=node.agent.log)
