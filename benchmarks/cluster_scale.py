@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,13 +22,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.disks import Disks  # noqa: E402
-from tests.e2e.agents import Agent, items, wait_for, write_token_kubeconfig  # noqa: E402
+from tests.e2e.agents import (  # noqa: E402
+    Agent,
+    build_binaries,
+    class_config,
+    install_agent,
+    items,
+    wait_for,
+)
 from tests.harness.controlplane import ControlPlane  # noqa: E402
 
 NODE = "node-1"
@@ -127,25 +132,17 @@ def main() -> int:
     parser.add_argument("--json", default="benchmarks/results/cluster_scale.json")
     args = parser.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
-    bin_dir = Path(subprocess.run([str(REPO / "scripts" / "build-binaries")], check=True,
-                                  stdout=subprocess.PIPE, text=True).stdout.split()[-1])
     work = Path(tempfile.mkdtemp(prefix="localpv-bench."))
     disks = Disks(work)
-    cluster = ControlPlane(work / "cluster", bin_dir)
+    cluster = ControlPlane(work / "cluster", build_binaries())
     rows = []
     try:
         cluster.start(nodes=1)
-        docs = [d for d in yaml.safe_load_all((REPO / "daemonset.yaml").read_text())
-                if d and d["kind"] in {"Namespace", "ServiceAccount", "ClusterRole",
-                                       "ClusterRoleBinding", "StorageClass"}]
-        cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
-        kubeconfig = write_token_kubeconfig(cluster, work / "agent.kubeconfig")
+        kubeconfig = install_agent(cluster, work / "agent.kubeconfig")
         mount_dir = work / "disks"
         for i in range(VOLUMES):
             disks.tmpfs(mount_dir / f"vol-{i}", size_mib=16)
-        config = work / "config.yaml"
-        config.write_text(yaml.safe_dump({"storageClassMap": {"local-storage": {
-            "hostDir": "/mnt/disks", "mountDir": str(mount_dir)}}}))
+        config = class_config(work / "config.yaml", mount_dir)
         existing = 0
         for size in sizes:
             fill(cluster, existing, size)

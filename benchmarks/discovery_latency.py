@@ -21,14 +21,12 @@ import os
 import random
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-import yaml
 from kubernetes import client, config, watch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,7 +34,14 @@ sys.path.insert(0, str(REPO))
 
 from agent.volumes import pv_name  # noqa: E402
 from tests.disks import Disks, sh  # noqa: E402
-from tests.e2e.agents import Agent, items, wait_for, write_token_kubeconfig  # noqa: E402
+from tests.e2e.agents import (  # noqa: E402
+    Agent,
+    build_binaries,
+    class_config,
+    install_agent,
+    items,
+    wait_for,
+)
 from tests.harness.controlplane import ControlPlane  # noqa: E402
 
 CLASS = "local-storage"
@@ -98,15 +103,18 @@ def api_requests(agent: Agent) -> dict[str, float]:
     return {f"{m[2]}": float(m[3]) for m in REQUESTS.finditer(text) if m[1] == "ok"}
 
 
-def latency_trials(mode: str, trials: int, cluster: ControlPlane, pvw: PVWatch,
-                   kubeconfig: Path, work: Path) -> list[float]:
-    node = f"lat-{mode}"
+def new_node(cluster: ControlPlane, work: Path, node: str) -> tuple[Path, Path]:
+    """A fake Node with its own discovery dir and config."""
     cluster.add_node(node)
     disc = work / node / "disks"
     disc.mkdir(parents=True)
-    cfg = work / node / "config.yaml"
-    cfg.write_text(yaml.safe_dump({"storageClassMap": {CLASS: {
-        "hostDir": "/mnt/disks", "mountDir": str(disc)}}}))
+    return disc, class_config(work / node / "config.yaml", disc, CLASS)
+
+
+def latency_trials(mode: str, trials: int, cluster: ControlPlane, pvw: PVWatch,
+                   kubeconfig: Path, work: Path) -> list[float]:
+    node = f"lat-{mode}"
+    disc, cfg = new_node(cluster, work, node)
     extra = ("--discovery-mode", "poll", "--discovery-period", str(POLL_PERIOD)) \
         if mode == "poll" else ()
     agent = Agent(node, cfg, kubeconfig, work, *extra).start()
@@ -136,12 +144,7 @@ def latency_trials(mode: str, trials: int, cluster: ControlPlane, pvw: PVWatch,
 def bulk(count: int, cluster: ControlPlane, pvw: PVWatch, kubeconfig: Path,
          work: Path) -> dict[str, float]:
     node = f"bulk-{count}"
-    cluster.add_node(node)
-    disc = work / node / "disks"
-    disc.mkdir(parents=True)
-    cfg = work / node / "config.yaml"
-    cfg.write_text(yaml.safe_dump({"storageClassMap": {CLASS: {
-        "hostDir": "/mnt/disks", "mountDir": str(disc)}}}))
+    disc, cfg = new_node(cluster, work, node)
     agent = Agent(node, cfg, kubeconfig, work).start()
     targets = [disc / f"v{i:04d}" for i in range(count)]
     try:
@@ -172,18 +175,12 @@ def main() -> int:
     parser.add_argument("--bulk", default="1,10,100,1000")
     parser.add_argument("--json", default="benchmarks/results/discovery_latency.json")
     args = parser.parse_args()
-    bin_dir = Path(subprocess.run([str(REPO / "scripts" / "build-binaries")], check=True,
-                                  stdout=subprocess.PIPE, text=True).stdout.split()[-1])
     work = Path(tempfile.mkdtemp(prefix="localpv-latency."))
-    cluster = ControlPlane(work / "cluster", bin_dir)
+    cluster = ControlPlane(work / "cluster", build_binaries())
     report: dict[str, object] = {"trials": args.trials}
     try:
         cluster.start(nodes=0)
-        docs = [d for d in yaml.safe_load_all((REPO / "daemonset.yaml").read_text())
-                if d and d["kind"] in {"Namespace", "ServiceAccount", "ClusterRole",
-                                       "ClusterRoleBinding", "StorageClass"}]
-        cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
-        kubeconfig = write_token_kubeconfig(cluster, work / "agent.kubeconfig")
+        kubeconfig = install_agent(cluster, work / "agent.kubeconfig")
         pvw = PVWatch(cluster.kubeconfig)
         latency = {mode: latency_trials(mode, args.trials, cluster, pvw, kubeconfig, work)
                    for mode in ("events", "poll")}

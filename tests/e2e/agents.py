@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,40 @@ from tests.harness.controlplane import ControlPlane
 
 REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
+
+
+AGENT_KINDS = {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "StorageClass"}
+
+
+def node_for_test(cluster: ControlPlane, test_name: str) -> str:
+    """A fresh fake Node named after the test, so each test's PVs and Events are its own."""
+    name = re.sub(r"[^a-z0-9-]", "-", test_name.lower())[:40].strip("-")
+    cluster.add_node(name)
+    return name
+
+
+def build_binaries() -> Path:
+    """The control plane binaries (built once, cached): scripts/build-binaries' last line."""
+    out = subprocess.run([str(REPO / "scripts" / "build-binaries")], check=True,
+                         stdout=subprocess.PIPE, text=True).stdout
+    return Path(out.strip().splitlines()[-1])
+
+
+def install_agent(cluster: ControlPlane, kubeconfig: Path) -> Path:
+    """Apply daemonset.yaml's RBAC and StorageClass; return a kubeconfig with a token of the
+    agent's ServiceAccount (what the DaemonSet's pods get)."""
+    docs = [d for d in yaml.safe_load_all((REPO / "daemonset.yaml").read_text())
+            if d and d["kind"] in AGENT_KINDS]
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
+    return write_token_kubeconfig(cluster, kubeconfig)
+
+
+def class_config(path: Path, mount_dir: Path, cls: str = "local-storage",
+                 host_dir: str = "/mnt/disks") -> Path:
+    """A one-class agent config file discovering `mount_dir`."""
+    path.write_text(yaml.safe_dump({"storageClassMap": {cls: {
+        "hostDir": host_dir, "mountDir": str(mount_dir)}}}))
+    return path
 
 
 def write_token_kubeconfig(cluster: ControlPlane, path: Path, account: str = "localpv-agent",

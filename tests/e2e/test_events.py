@@ -6,7 +6,6 @@ timeouts was triggered by a wake-up source (udev, the mount table, inotify), not
 
 from __future__ import annotations
 
-import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ import yaml
 
 from agent.volumes import pv_name
 from tests.disks import Disks, disks, sh
-from tests.e2e.agents import Agent, events_for, pvs_of, wait_for
+from tests.e2e.agents import Agent, events_for, node_for_test, pvs_of, wait_for
 from tests.harness.controlplane import ControlPlane
 from tests.harness.udevd import Udevd, settle, trigger_block_changes
 
@@ -56,8 +55,7 @@ def metric(agent: Agent, name: str, **labels: str) -> float:
 @pytest.fixture
 def node(cluster: ControlPlane, agent_kubeconfig: Path, udevd: Udevd, tmp_path: Path,
          request: pytest.FixtureRequest) -> Iterator[Node]:
-    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
-    cluster.add_node(name)
+    name = node_for_test(cluster, request.node.name)
     fs_dir, block_dir = tmp_path / "disks", tmp_path / "block"
     fs_dir.mkdir()
     block_dir.mkdir()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ import yaml
 
 from agent.volumes import pv_name
 from tests.disks import Disks, disks, sh
-from tests.e2e.agents import REPO, Agent, events_for, pvs_of, wait_for
+from tests.e2e.agents import REPO, Agent, events_for, node_for_test, pvs_of, wait_for
 from tests.harness.controlplane import ControlPlane
 
 FS, BLOCK = "local-storage", "local-block"
@@ -61,8 +60,7 @@ class Node:
 @pytest.fixture
 def node(cluster: ControlPlane, agent_kubeconfig: Path, tmp_path: Path,
          request: pytest.FixtureRequest) -> Iterator[Node]:
-    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
-    cluster.add_node(name)
+    name = node_for_test(cluster, request.node.name)
     fs_dir, block_dir = tmp_path / "disks", tmp_path / "block"
     fs_dir.mkdir()
     block_dir.mkdir()
