@@ -63,6 +63,12 @@ class PVWatch:
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
+        try:
+            self._watch()
+        except Exception:  # the control plane stopping at the end ends the watch
+            return
+
+    def _watch(self) -> None:
         version = self.core.list_persistent_volume().metadata.resource_version
         while not self._stop:
             w = watch.Watch()
