@@ -112,11 +112,18 @@ class PVCache:
         """This agent deleted the PV: late events about that object must not bring it back."""
         with self._lock:
             self._pvs.pop(name, None)
-            self._deleted.add(uid)
+            if uid:
+                self._deleted.add(uid)
             if len(self._deleted) > 10_000:  # DELETED events normally empty it; bound it anyway
                 self._deleted.clear()
 
     def put(self, pv: PV) -> None:
+        """The response of this agent's own write. The watch may already have delivered a
+        newer version of the object; an older response must not replace it."""
+        with self._lock:
+            cached = self._pvs.get(pv["metadata"]["name"])
+        if cached is not None and _newer(cached, pv):
+            return
         self.apply("ADDED", pv)
 
     def get(self, name: str) -> PV | None:
@@ -357,7 +364,9 @@ class Reconciler:
                     decision.pv_name, decision.resource_version,
                     {CLEANING_ANNOTATION: json.dumps(record)}))
             except ApiError as exc:
-                if not exc.conflict:
+                if exc.conflict:
+                    self._refresh(decision.pv_name)
+                else:
                     result.errors += 1
                 log.info("not cleaning PV %s now: %s", decision.pv_name, exc)
                 return
@@ -461,7 +470,7 @@ class Reconciler:
         except ApiError as exc:
             if exc.conflict or exc.not_found:  # bound or changed meanwhile: decide again
                 log.info("not withdrawing PV %s: it changed meanwhile", withdrawal.name)
-                self.wake.set()
+                self._refresh(withdrawal.name)
                 return
             result.errors += 1
             log.warning("withdrawing PV %s: %s", withdrawal.name, exc)
@@ -473,6 +482,21 @@ class Reconciler:
         self._emit(Notice("Node", self.node.name, "Warning", "VolumeWithdrawn",
                           f"PV {withdrawal.name} deleted: the disk behind {withdrawal.path} "
                           "is gone and nothing had claimed it", key=""))
+
+    def _refresh(self, name: str) -> None:
+        """A precondition failed: the cached copy is stale (a watch event can overtake the
+        response of our own write). Read the PV again and decide once more on the next pass."""
+        try:
+            fresh = self.kube.get_pv(name)
+        except ApiError as exc:
+            log.warning("re-reading PV %s: %s", name, exc)
+            return
+        if fresh is None:
+            cached = self.cache.get(name)
+            self.cache.forget(name, (cached or {}).get("metadata", {}).get("uid", ""))
+        else:
+            self.cache.put(fresh)
+        self.wake.set()
 
     def _resolve_conflict(self, name: str, path: str, result: PassResult) -> None:
         """The name exists already: adopt it when it is this node's PV for the same path."""
@@ -664,3 +688,12 @@ def _phase_changed(event_type: str, before: PV | None, after: PV) -> bool:
         return ((pv.get("status") or {}).get("phase"), (pv.get("spec") or {}).get("claimRef"))
 
     return key(before) != key(after)
+
+
+def _newer(a: PV, b: PV) -> bool:
+    """Whether `a` is a later version of the same object than `b`. Resource versions are
+    opaque, but etcd's are increasing integers; anything else is never called newer."""
+    if a["metadata"].get("uid") != b["metadata"].get("uid"):
+        return False
+    va, vb = a["metadata"].get("resourceVersion", ""), b["metadata"].get("resourceVersion", "")
+    return va.isdigit() and vb.isdigit() and int(va) > int(vb)

@@ -79,3 +79,22 @@ def test_ownership_needs_both_annotation_and_affinity() -> None:
     assert not is_this_nodes(existing(desired("a", other_host)), NODE)
     assert label_selector(NODE) == \
         "app.kubernetes.io/managed-by=localpv-agent,kubernetes.io/hostname=host-1"
+
+
+def test_cache_keeps_a_newer_watch_version_over_an_older_write_response() -> None:
+    from agent.loop import PVCache  # noqa: PLC0415  (the cache lives with the loop)
+
+    cache = PVCache()
+    base = {"metadata": {"name": "pv", "uid": "u"}}
+    newer = {"metadata": {**base["metadata"], "resourceVersion": "12"},
+             "status": {"phase": "Available"}}
+    older = {"metadata": {**base["metadata"], "resourceVersion": "11"}}
+    cache.apply("MODIFIED", newer)
+    cache.put(older)  # our create's response, arriving after the watch event
+    assert cache.get("pv") == newer
+    cache.forget("pv", "u")
+    cache.apply("MODIFIED", newer)  # a late event about a PV this agent deleted
+    assert cache.get("pv") is None
+    cache.apply("DELETED", newer)
+    cache.apply("ADDED", {"metadata": {"name": "pv", "uid": "u2", "resourceVersion": "20"}})
+    assert cache.get("pv") is not None  # a new object under the same name is welcome
