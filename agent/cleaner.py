@@ -315,6 +315,7 @@ class CleanJob:
     command: tuple[str, ...]
     nested_mounts: tuple[str, ...] = ()
     capacity_bytes: int = 0
+    via_job: bool = False  # cleaned by a Kubernetes Job (useJobForCleaning)
 
 
 @dataclass(frozen=True)

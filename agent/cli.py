@@ -94,7 +94,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
         job = outcome.job
         command = job.command[0] if job.raw_device else "filesystem"
         metrics.observe_clean(job.class_name, job.mode, outcome.ok, outcome.seconds,
-                              capacity_breakdown(job.capacity_bytes), command)
+                              capacity_breakdown(job.capacity_bytes), command,
+                              "job" if job.via_job else "process")
 
     try:
         dirty = DirtyStore(args.state_dir)
@@ -108,7 +109,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
                             poll_period=args.discovery_period if poll else None,
                             withdraw_missing=args.withdraw_missing, dirty=dirty,
                             on_clean=on_clean, clean_stale_after=args.clean_stale_after,
-                            clean_retry_base=args.clean_retry_base, config_path=args.config)
+                            clean_retry_base=args.clean_retry_base, config_path=args.config,
+                            job_image=args.job_image, namespace=args.namespace)
     reconciler.cleaner = Cleaner(args.clean_concurrency, args.clean_timeout,
                                  on_done=lambda: reconciler.waker.wake("cleaner"))
     metrics.watch_state(lambda: sample_state(reconciler, kube))
@@ -340,6 +342,11 @@ def _parser() -> argparse.ArgumentParser:
     run_p.add_argument("--clean-stale-after", type=float, default=60.0,
                        help="seconds without a heartbeat after which another instance's "
                             "clean counts as interrupted and resumes (default: %(default)s)")
+    run_p.add_argument("--namespace", default=env.get("MY_NAMESPACE") or "default",
+                       help="namespace for cleaning Jobs (default: $MY_NAMESPACE)")
+    run_p.add_argument("--job-image", default=env.get("JOB_CONTAINER_IMAGE"),
+                       help="image of cleaning Jobs with useJobForCleaning "
+                            "(default: $JOB_CONTAINER_IMAGE)")
     run_p.add_argument("--clean-retry-base", type=float, default=30.0,
                        help="first retry delay after a failed clean, doubling up to an hour "
                             "(default: %(default)s)")

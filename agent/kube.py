@@ -64,6 +64,7 @@ class Kube:
             api = client.ApiClient(cfg)
         self._core = client.CoreV1Api(api)
         self._storage = client.StorageV1Api(api)
+        self._batch = client.BatchV1Api(api)
         self._timeout = timeout
         self.requests: Counter[tuple[str, str]] = Counter()  # (verb, "ok" | "error")
         self.reachable = False  # did the last request get an answer from a healthy server?
@@ -199,6 +200,28 @@ class Kube:
         }
         self._call("create", lambda: self._core.create_namespaced_event(
             namespace, body, _preload_content=False, _request_timeout=self._timeout))
+
+    def create_job(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        body: Any = dict(manifest)
+        namespace = manifest["metadata"]["namespace"]
+        return self._call("create", lambda: self._batch.create_namespaced_job(
+            namespace, body, _preload_content=False, _request_timeout=self._timeout))
+
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._call("get", lambda: self._batch.read_namespaced_job(
+                name, namespace, _preload_content=False, _request_timeout=self._timeout))
+        except ApiError as exc:
+            if exc.not_found:
+                return None
+            raise
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        """Delete a finished Job and its pods."""
+        options = client.V1DeleteOptions(propagation_policy="Background")
+        self._call("delete", lambda: self._batch.delete_namespaced_job(
+            name, namespace, body=options, _preload_content=False,
+            _request_timeout=self._timeout))
 
     # -- plumbing ------------------------------------------------------------------------------
 

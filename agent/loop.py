@@ -11,18 +11,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.cleaner import Cleaner, CleanJob, CleanOutcome, DirtyStore
 from agent.config import Config, ConfigError, fingerprint, load_config
 from agent.discovery import Discovery, HostSnapshot, HostView, discover
 from agent.host import HostReader
+from agent.jobs import JobState, cleanup_job, job_failure, job_name, job_state
 from agent.kube import PV, ApiError, Kube
 from agent.plan import (
     CLEANING_ANNOTATION,
@@ -43,6 +45,8 @@ from agent.sources import Waker
 from agent.volumes import MANAGED_BY_LABEL, ClassPolicy, NodeInfo, pv_manifest
 
 log = logging.getLogger(__name__)
+
+JOB_POLL = 5.0  # seconds between looks at running cleaning Jobs
 
 
 @dataclass
@@ -155,6 +159,8 @@ class Reconciler:
         clean_stale_after: float = 60.0,
         clean_retry_base: float = 30.0,
         config_path: str | None = None,
+        job_image: str | None = None,
+        namespace: str = "default",
     ) -> None:
         self.kube = kube
         self.reader = reader
@@ -175,6 +181,9 @@ class Reconciler:
         self._config_fingerprint = fingerprint(config_path) if config_path else ""
         self.config_reloads: Counter[str] = Counter()  # "applied" | "rejected"
         self.clean_retry_base = clean_retry_base
+        self.job_image = job_image
+        self.namespace = namespace
+        self._jobs: dict[str, tuple[CleanJob, float]] = {}  # key -> (job, monotonic start)
         self._heartbeats: dict[str, float] = {}  # PV name -> when its record was last renewed
         self.node = NodeInfo(name=node_name)
         self.cache = PVCache()
@@ -271,7 +280,7 @@ class Reconciler:
         recycling = recycle(
             ours, states, frozenset(v.host_path for v in found.volumes),
             self.dirty.paths() if self.dirty else frozenset(),
-            self.cleaner.running() if self.cleaner else frozenset(), time.time(),
+            self._running_cleans(), time.time(),
             {k: when for k, (when, _) in self._clean_retry.items()}, self.instance,
             self.clean_stale_after)
         desired = []
@@ -371,11 +380,81 @@ class Reconciler:
                 log.info("not cleaning PV %s now: %s", decision.pv_name, exc)
                 return
             self._heartbeats[decision.pv_name] = time.monotonic()
+        if (self.config.use_job_for_cleaning and job.raw_device and decision.pv_name
+                and self._start_job(job)):
+            return
         if self.cleaner.submit(job):
             log.info("cleaning %s (%s) for %s", decision.key,
                      "block cleaner" if job.raw_device else "filesystem",
                      f"released PV {decision.pv_name}" if decision.pv_name
                      else "a volume whose PV was deleted before it was cleaned")
+
+    def _running_cleans(self) -> frozenset[str]:
+        running = self.cleaner.running() if self.cleaner else frozenset()
+        return running | frozenset(self._jobs)
+
+    def _start_job(self, job: CleanJob) -> bool:
+        """Clean in a Kubernetes Job; False to clean in-process instead."""
+        cls = self.config.storage_class(job.class_name)
+        if not self.job_image or cls is None or job.pv_name is None:
+            log.warning("useJobForCleaning needs the cleaner image (--job-image or "
+                        "JOB_CONTAINER_IMAGE); cleaning %s in-process", job.key)
+            return False
+        device = posixpath.join(cls.mount_dir, posixpath.basename(job.key))
+        manifest = cleanup_job(job.pv_name, job.pv_uid, self.node, cls, device, self.job_image,
+                               self.namespace, self.config.job_tolerations)
+        try:
+            self.kube.create_job(manifest)
+            log.info("cleaning %s in Job %s/%s", job.key, self.namespace, job_name(job.pv_name))
+        except ApiError as exc:
+            if not exc.conflict:  # a Job of that name already runs: it is the lock
+                log.warning("creating the cleaning Job for PV %s: %s", job.pv_name, exc)
+                return True  # retried on a later pass
+        self._jobs[job.key] = (replace(job, via_job=True), time.monotonic())
+        self.waker.wake_at(time.monotonic() + JOB_POLL)
+        return True
+
+    def _collect_jobs(self) -> None:
+        """Finished cleaning Jobs: delete a succeeded one, then its PV; report a failed one
+        (it is left for an admin; deleting it starts a new clean)."""
+        for key, (job, started) in list(self._jobs.items()):
+            assert job.pv_name is not None
+            try:
+                found = self.kube.get_job(self.namespace, job_name(job.pv_name))
+            except ApiError as exc:
+                log.warning("reading cleaning Job for PV %s: %s", job.pv_name, exc)
+                continue
+            if found is None:
+                self._jobs.pop(key)  # deleted by an admin: decided again on this pass
+                continue
+            state = job_state(found)
+            if state is JobState.RUNNING:
+                continue
+            outcome = CleanOutcome(job, state is JobState.SUCCEEDED,
+                                   time.monotonic() - started,
+                                   "Job succeeded" if state is JobState.SUCCEEDED
+                                   else job_failure(found))
+            if state is JobState.SUCCEEDED:
+                try:
+                    self.kube.delete_job(self.namespace, job_name(job.pv_name))
+                except ApiError as exc:
+                    log.warning("deleting the finished Job for PV %s: %s", job.pv_name, exc)
+                    continue
+                self._jobs.pop(key)
+                if self.on_clean is not None:
+                    self.on_clean(outcome)
+                self._clean_succeeded(outcome)
+            else:
+                if f"job-failed/{job.pv_uid}" not in self._emitted and self.on_clean:
+                    self.on_clean(outcome)
+                self._notify([Notice("PersistentVolume", job.pv_name, "Warning",
+                                     "VolumeFailedDelete",
+                                     f"cleaning Job {self.namespace}/{job_name(job.pv_name)} "
+                                     f"failed ({outcome.detail}); the PV stays Released. Delete "
+                                     "the Job to try again", key=f"job-failed/{job.pv_uid}",
+                                     uid=job.pv_uid)])
+        if self._jobs:  # Jobs are not watched: look at them again shortly
+            self.waker.wake_at(time.monotonic() + JOB_POLL)
 
     def _renew_cleanings(self) -> None:
         """Keep the heartbeat of running cleans fresh, so a twin agent leaves them alone."""
@@ -402,6 +481,7 @@ class Reconciler:
 
     def _collect_cleanings(self) -> None:
         """Act on finished cleanings: delete the PV and forget the dirt, or record the failure."""
+        self._collect_jobs()
         if self.cleaner is None:
             return
         for outcome in self.cleaner.collect():

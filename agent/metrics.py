@@ -182,14 +182,15 @@ class Metrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r)
 
     def observe_clean(self, class_name: str, mode: str, ok: bool, seconds: float,
-                      capacity: str, command: str) -> None:
+                      capacity: str, command: str, kind: str = "process") -> None:
+        """A cleaning ended; `kind` is the upstream's delete type, process or job."""
         self.cleanings.labels(class_name, mode, "success" if ok else "failure").inc()
         if ok:
-            self.deleted.labels(mode, "process").inc()
-            self.delete_duration.labels(mode, "process", capacity, command).observe(seconds)
+            self.deleted.labels(mode, kind).inc()
+            self.delete_duration.labels(mode, kind, capacity, command).observe(seconds)
             self.cleaning_duration.labels(class_name, mode).observe(seconds)
         else:
-            self.delete_failed.labels(mode, "process").inc()
+            self.delete_failed.labels(mode, kind).inc()
 
     def watch_state(self, sample: Callable[[], AgentSample]) -> None:
         self.registry.register(StateCollector(sample))

@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
 
-AGENT_KINDS = {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "StorageClass"}
+AGENT_KINDS = {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role",
+               "RoleBinding", "StorageClass"}
 
 
 def node_for_test(cluster: ControlPlane, test_name: str) -> str:

@@ -18,7 +18,8 @@ from tests.harness.controlplane import ControlPlane
 from tests.harness.udevd import Udevd, udevd_binary
 
 CLUSTER_KEY = pytest.StashKey[ControlPlane]()
-RBAC_KINDS = {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
+RBAC_KINDS = {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role",
+              "RoleBinding"}
 
 
 @pytest.fixture(scope="session")

@@ -305,3 +305,54 @@ def test_retained_pv_is_never_touched(node: Node) -> None:
     time.sleep(2)
     assert (mount / "keep.me").read_text() == "retained"
     assert node.pv("kept")["metadata"]["uid"] == pv["metadata"]["uid"]  # type: ignore[index]
+
+
+def test_block_volume_cleaned_by_an_upstream_style_job(node: Node) -> None:
+    """useJobForCleaning: the agent creates the upstream's cleanup Job and, once the real Job
+    controller reports it succeeded, deletes the Job and recycles the PV. (KWOK plays the
+    kubelet, so the Job's container does not really run: this proves the orchestration.)"""
+    config = yaml.safe_load(node.config.read_text())
+    config["useJobForCleaning"] = True
+    config["jobTolerations"] = [{"operator": "Exists"}]
+    node.config.write_text(yaml.safe_dump(config))
+    device = node.disks.loop("jobvol", size_mib=16)
+    (node.block_dir / "raw").symlink_to(device)
+    node.start("--job-image", "registry.example/localpv-agent:test",
+               "--namespace", "localpv-agent")
+    pv = wait_for(lambda: node.pv("raw", BLOCK), 20, "PV for raw")
+    claim = bind(node, pv, "job")
+    name, uid = pv["metadata"]["name"], pv["metadata"]["uid"]
+    jobs = "/apis/batch/v1/namespaces/localpv-agent/jobs"
+    seen: list[dict[str, Any]] = []
+
+    def job_seen() -> bool:
+        status, body = node.cluster.api("GET", f"{jobs}/cleanup-{name}")
+        if status == 200:
+            seen.append(body)
+        return bool(seen)
+
+    release(node, claim)
+    wait_for(job_seen, 30, "the cleanup Job", on_timeout=node.log, interval=0.05)
+    job = seen[0]
+    assert job["metadata"]["labels"] == {
+        "kubernetes.io/hostname": node.name, "pv": name, "pvuuid": uid,
+        "app.kubernetes.io/managed-by": "localpv-agent"}
+    assert job["metadata"]["annotations"]["device"] == str(node.block_dir / "raw")
+    assert "start-time" in job["metadata"]["annotations"]
+    spec = job["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    assert container["name"] == "cleaner"
+    assert container["command"] == [str(CLEANERS / "dd_zero.sh")]
+    assert container["env"] == [{"name": "LOCAL_PV_BLKDEVICE",
+                                 "value": str(node.block_dir / "raw")}]
+    assert container["securityContext"]["privileged"] is True
+    assert spec["nodeSelector"] == {"kubernetes.io/hostname": node.name}
+    assert spec["restartPolicy"] == "OnFailure"
+    assert spec["tolerations"] == [{"operator": "Exists"}]
+
+    recycled(node, "raw", uid, BLOCK)
+    wait_for(lambda: node.cluster.api("GET", f"{jobs}/cleanup-{name}")[0] == 404, 30,
+             "the finished Job deleted")
+    _, metrics = node.agent.get("/metrics") if node.agent else (0, "")
+    assert ('local_volume_provisioner_persistentvolume_delete_total'
+            '{mode="Block",type="job"} 1.0') in metrics

@@ -144,16 +144,29 @@ def test_daemonset_yaml_has_every_object(manifest: list[dict[str, Any]]) -> None
         ("ServiceAccount", NAME),
         ("ClusterRole", NAME),
         ("ClusterRoleBinding", NAME),
+        ("Role", NAME),
+        ("RoleBinding", NAME),
         ("ConfigMap", "localpv-agent-config"),
         ("StorageClass", "local-storage"),
         ("DaemonSet", NAME),
     }
     for d in manifest:
-        if d["kind"] in {"ServiceAccount", "ConfigMap", "DaemonSet"}:
+        if d["kind"] in {"ServiceAccount", "ConfigMap", "DaemonSet", "Role", "RoleBinding"}:
             assert d["metadata"]["namespace"] == NAMESPACE, d["kind"]
 
 
 # --- RBAC ---------------------------------------------------------------------------
+
+
+def test_job_role_is_namespaced_and_minimal(manifest: list[dict[str, Any]]) -> None:
+    role = _find(manifest, "Role", NAME)
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert role["rules"] == [{"apiGroups": ["batch"], "resources": ["jobs"],
+                              "verbs": ["get", "create", "delete"]}]
+    binding = _find(manifest, "RoleBinding", NAME)
+    assert binding["roleRef"]["kind"] == "Role"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": NAME,
+                                    "namespace": NAMESPACE}]
 
 
 def test_clusterrole_is_least_privilege(manifest: list[dict[str, Any]]) -> None:
@@ -202,8 +215,11 @@ def test_daemonset_container(container: dict[str, Any]) -> None:
     assert container["imagePullPolicy"] == "IfNotPresent"
     assert container["args"][0] == "run"
     assert container["securityContext"]["privileged"] is True
-    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]
+           if "valueFrom" in e}
     assert env == {"MY_NODE_NAME": "spec.nodeName", "MY_NAMESPACE": "metadata.namespace"}
+    images = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    assert images == {"JOB_CONTAINER_IMAGE": container["image"]}  # Jobs run the agent's image
     assert container["ports"] == [{"name": "metrics", "containerPort": 8080, "protocol": "TCP"}]
     resources = container["resources"]
     assert {"cpu", "memory"} <= set(resources["requests"])
