@@ -31,6 +31,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.discovery import parse_mountinfo
+
 log = logging.getLogger(__name__)
 
 FS_IOC_GETFLAGS, FS_IOC_SETFLAGS = 0x80086601, 0x40086602
@@ -58,24 +60,27 @@ class FsReport:
         return text
 
 
-def clean_filesystem(root: str, device: int, skip: Iterable[str] = ()) -> FsReport:
+def clean_filesystem(root: str, device: int, skip: Iterable[str] = (),
+                     stop: threading.Event | None = None,
+                     deadline: float = float("inf")) -> FsReport:
     """Remove everything inside the mount point `root`, keeping `root` itself.
 
     `device` is the st_dev the volume must have; `skip` are absolute paths of mounts nested in
-    it (from the mount table), which are left alone, as is anything on another device. Raises
-    CleanError when anything is left, listing it.
+    it (from the mount table), which are left alone, as is any directory that is a mount point
+    (another device, or a bind mount of this one). Raises CleanError when anything is left,
+    listing it, and when `stop` is set or the monotonic `deadline` passes.
     """
-    skip_set = {posixpath.normpath(p) for p in skip}
-    report = FsReport()
+    walk = _Walk(device, {posixpath.normpath(p) for p in skip}, stop, deadline)
     fd = os.open(root, DIR_FLAGS)
     try:
         st = os.fstat(fd)
         if st.st_dev != device:
             raise CleanError(f"{root} is not the expected filesystem (device {st.st_dev:#x}, "
                              f"expected {device:#x}); refusing to clean")
-        _empty_tree(fd, posixpath.normpath(root), st, skip_set, report)
+        walk.empty_tree(fd, posixpath.normpath(root), st)
     finally:
         os.close(fd)
+    report = walk.report
     if report.flags_cleared:
         log.warning("%s: cleared immutable/append-only flags on %d entries to remove them "
                     "(first: %r)", root, len(report.flags_cleared), report.flags_cleared[0])
@@ -87,95 +92,127 @@ def clean_filesystem(root: str, device: int, skip: Iterable[str] = ()) -> FsRepo
     return report
 
 
-def _empty_tree(root_fd: int, root_path: str, root_st: os.stat_result, skip: set[str],
-                report: FsReport) -> None:
-    """Depth first, one descriptor at a time; `chain` remembers each level's identity."""
-    cur = os.dup(root_fd)
-    path = root_path
-    chain: list[tuple[str, tuple[int, int]]] = [("", (root_st.st_dev, root_st.st_ino))]
-    stuck: set[tuple[int, int]] = set()  # directories that could not be emptied
-    try:
-        while True:
-            child = _next_child_dir(cur, path, root_st.st_dev, skip, stuck, report)
-            if child is not None:
-                name, ident = child
-                fd = os.open(name, DIR_FLAGS, dir_fd=cur)
-                _expect_identity(fd, ident, posixpath.join(path, name))
-                os.close(cur)
-                cur, path = fd, posixpath.join(path, name)
-                chain.append((name, ident))
-                continue
-            if len(chain) == 1:
-                return
-            name, ident = chain.pop()
-            parent = os.open("..", DIR_FLAGS, dir_fd=cur)
-            _expect_identity(parent, chain[-1][1], posixpath.dirname(path))
-            os.close(cur)
-            cur, path = parent, posixpath.dirname(path)
-            try:
-                _remove(cur, name, is_dir=True)
-                report.dirs += 1
-            except OSError as exc:
-                if exc.errno == errno.EPERM and _clear_flags_at(cur, name):
-                    report.flags_cleared.append(posixpath.join(path, name))
-                    with contextlib.suppress(OSError):
-                        _remove(cur, name, is_dir=True)
-                        report.dirs += 1
-                        continue
-                stuck.add(ident)  # its remaining content is already reported
-    finally:
-        os.close(cur)
+class _Walk:
+    """Depth first, one descriptor at a time; every entry that resists is tried once."""
 
+    def __init__(self, device: int, skip: set[str], stop: threading.Event | None,
+                 deadline: float) -> None:
+        self.device = device
+        self.skip = skip
+        self.stop = stop
+        self.deadline = deadline
+        self.report = FsReport()
+        self.given_up: set[str] = set()  # full paths left behind (reported once each)
 
-def _next_child_dir(
-    fd: int, path: str, device: int, skip: set[str], stuck: set[tuple[int, int]],
-    report: FsReport,
-) -> tuple[str, tuple[int, int]] | None:
-    """Remove every non-directory in `fd`; return the first subdirectory still to empty."""
-    with os.scandir(fd) as entries:
-        for entry in entries:
-            name = entry.name
-            full = posixpath.join(path, name)
-            try:
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                ident = (st.st_dev, st.st_ino)
-                if st.st_dev != device or full in skip:
-                    if full not in report.nested_mounts:
-                        report.nested_mounts.append(full)
-                    stuck.add(ident)
+    def empty_tree(self, root_fd: int, root_path: str, root_st: os.stat_result) -> None:
+        cur = os.dup(root_fd)
+        path = root_path
+        # each level's (dev, ino), checked on the way down and again on the way back up
+        chain: list[tuple[str, tuple[int, int]]] = [("", (root_st.st_dev, root_st.st_ino))]
+        try:
+            while True:
+                self._check_time()
+                child = self._next_child_dir(cur, path)
+                if child is not None:
+                    name, ident = child
+                    fd = os.open(name, DIR_FLAGS, dir_fd=cur)
+                    _expect_identity(fd, ident, posixpath.join(path, name))
+                    os.close(cur)
+                    cur, path = fd, posixpath.join(path, name)
+                    chain.append((name, ident))
                     continue
-                if ident not in stuck:
-                    return name, ident
-                continue
-            _unlink_entry(fd, name, full, st, report)
-    return None
+                if len(chain) == 1:
+                    return
+                name, _ = chain.pop()
+                parent = os.open("..", DIR_FLAGS, dir_fd=cur)
+                _expect_identity(parent, chain[-1][1], posixpath.dirname(path))
+                os.close(cur)
+                cur, path = parent, posixpath.dirname(path)
+                self._remove_dir(cur, name, posixpath.join(path, name))
+        finally:
+            os.close(cur)
 
+    def _check_time(self) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise CleanError("the agent is stopping; the clean resumes after its restart")
+        if time.monotonic() > self.deadline:
+            raise CleanError("the filesystem clean did not finish in time")
 
-def _unlink_entry(fd: int, name: str, full: str, st: os.stat_result, report: FsReport) -> None:
-    try:
-        _remove(fd, name, is_dir=False)
-        report.files += 1
-        return
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        first = exc
-    # Immutable or append-only (on the entry or its directory): root may clear the flags.
-    cleared = _clear_flags(fd)
-    if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
-        cleared = _clear_flags_at(fd, name) or cleared
-    if cleared:
-        report.flags_cleared.append(full)
+    def _next_child_dir(self, fd: int, path: str) -> tuple[str, tuple[int, int]] | None:
+        """Remove every non-directory in `fd`; return the first subdirectory still to empty."""
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                full = posixpath.join(path, entry.name)
+                if full in self.given_up:
+                    continue
+                try:
+                    st = os.stat(entry.name, dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    # A mount point: another device, or a bind mount of this one (the directory
+                    # entry then names the covered inode, not the mounted one).
+                    if (st.st_dev != self.device or full in self.skip
+                            or entry.inode() != st.st_ino):
+                        self.report.nested_mounts.append(full)
+                        self.given_up.add(full)
+                        continue
+                    return entry.name, (st.st_dev, st.st_ino)
+                self._unlink(fd, entry.name, full, st)
+        return None
+
+    def _unlink(self, fd: int, name: str, full: str, st: os.stat_result) -> None:
         try:
             _remove(fd, name, is_dir=False)
-            report.files += 1
+            self.report.files += 1
+            return
+        except FileNotFoundError:
             return
         except OSError as exc:
             first = exc
-    report.resisted.append(f"{full!r}: {first.strerror or first}")
+        # Immutable or append-only (on the entry or its directory): root may clear the flags.
+        cleared = _clear_flags(fd)
+        if stat.S_ISREG(st.st_mode):
+            cleared = _clear_flags_at(fd, name) or cleared
+        if cleared:
+            self.report.flags_cleared.append(full)
+            try:
+                _remove(fd, name, is_dir=False)
+                self.report.files += 1
+                return
+            except OSError as exc:
+                first = exc
+        self._give_up(full, first)
+
+    def _remove_dir(self, parent_fd: int, name: str, full: str) -> None:
+        """rmdir an emptied directory; anything that keeps it is left over and reported."""
+        try:
+            _remove(parent_fd, name, is_dir=True)
+            self.report.dirs += 1
+            return
+        except OSError as exc:
+            first = exc
+        if first.errno == errno.EPERM:  # the flags of the directory or of its parent
+            cleared = _clear_flags(parent_fd)
+            cleared = _clear_flags_at(parent_fd, name) or cleared
+            if cleared:
+                self.report.flags_cleared.append(full)
+                try:
+                    _remove(parent_fd, name, is_dir=True)
+                    self.report.dirs += 1
+                    return
+                except OSError as exc:
+                    first = exc
+        inside = full + "/"
+        if first.errno != errno.ENOTEMPTY or not any(p.startswith(inside)
+                                                     for p in self.given_up):
+            self._give_up(full, first)  # nothing inside explains it: report the directory
+        self.given_up.add(full)
+
+    def _give_up(self, full: str, exc: OSError) -> None:
+        if full not in self.given_up:
+            self.given_up.add(full)
+            self.report.resisted.append(f"{full!r}: {exc.strerror or exc}")
 
 
 def _remove(fd: int, name: str, is_dir: bool) -> None:
@@ -220,7 +257,7 @@ def _clear_flags(fd: int) -> bool:
 
 
 def run_block_cleaner(command: Sequence[str], device: str, timeout: float,
-                      label: str) -> None:
+                      label: str, stop: threading.Event | None = None) -> None:
     """Run a block cleaner with LOCAL_PV_BLKDEVICE set, at idle I/O priority, streaming its
     output to the log; kill its whole process group on timeout."""
     argv = list(command)
@@ -244,14 +281,20 @@ def run_block_cleaner(command: Sequence[str], device: str, timeout: float,
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
+    deadline = time.monotonic() + timeout
     try:
-        code = proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise CleanError(f"{command[0]} did not finish within {timeout:g}s; killed") from None
+        while (code := proc.poll()) is None:
+            if stop is not None and stop.is_set():
+                raise CleanError(f"{command[0]} stopped with the agent; the clean resumes "
+                                 "after its restart")
+            if time.monotonic() > deadline:
+                raise CleanError(f"{command[0]} did not finish within {timeout:g}s; killed")
+            time.sleep(0.2)
     finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         reader.join(5)
     if code != 0:
         raise CleanError(f"{command[0]} exited with status {code}")
@@ -283,11 +326,23 @@ class DirtyStore:
         record = {"path": path, "pv": pv_name, "since": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                        time.gmtime())}
         tmp = self._file(path).with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
+        with tmp.open("w") as f:
+            f.write(json.dumps(record))
+            f.flush()
+            os.fsync(f.fileno())  # the record must survive a power cut
         os.replace(tmp, self._file(path))  # atomic: a crash leaves the old state or the new
+        dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
         self._paths[path] = record
         log.info("volume %s holds data of PV %s: it is cleaned before being offered again",
                  path, pv_name)
+
+    def pv_name(self, path: str) -> str:
+        """The PV that made the volume dirty, as recorded."""
+        return str(self._paths.get(path, {}).get("pv", ""))
 
     def clear(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -330,9 +385,12 @@ class Cleaner:
     """Runs cleanings on a bounded pool; finished outcomes wait for the loop to collect."""
 
     def __init__(self, concurrency: int = 2, timeout: float = 6 * 3600.0,
-                 on_done: Callable[[], None] | None = None) -> None:
+                 on_done: Callable[[], None] | None = None,
+                 mountinfo: str = "/proc/self/mountinfo") -> None:
         self.timeout = timeout
         self.on_done = on_done
+        self.mountinfo = mountinfo
+        self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=max(1, concurrency),
                                         thread_name_prefix="clean")
         self._lock = threading.Lock()
@@ -353,17 +411,22 @@ class Cleaner:
         return True
 
     def collect(self) -> list[CleanOutcome]:
+        """Finished outcomes; only now do their volumes stop counting as being cleaned, so a
+        pass never sees a volume neither running nor finished."""
         with self._lock:
             done, self._done = self._done, []
+            for outcome in done:
+                self._running.pop(outcome.job.key, None)
             return done
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop: running cleans end (block cleaners are killed) and resume after a restart."""
+        self._stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _finished(self, future: Future[CleanOutcome]) -> None:
         outcome = future.result()
         with self._lock:
-            self._running.pop(outcome.job.key, None)
             self._done.append(outcome)
         if self.on_done is not None:
             self._notify_safely(self.on_done)
@@ -398,7 +461,7 @@ class Cleaner:
             st = os.stat(path)
             if not stat.S_ISBLK(st.st_mode) or _devno(st.st_rdev) != job.device:
                 raise CleanError(f"{path} is no longer block device {job.device}; refusing")
-            run_block_cleaner(job.command, path, self.timeout, label)
+            run_block_cleaner(job.command, path, self.timeout, label, self._stop)
             return f"{job.command[0]} succeeded"
         real = os.path.realpath(path)  # an entry may be a link to a mount in the same dir
         if posixpath.dirname(real) != posixpath.normpath(job.mount_dir):
@@ -406,7 +469,12 @@ class Cleaner:
         st = os.lstat(real)
         if not stat.S_ISDIR(st.st_mode) or _devno(st.st_dev) != job.device:
             raise CleanError(f"{real} is no longer the mount of device {job.device}; refusing")
-        report = clean_filesystem(real, st.st_dev, job.nested_mounts)
+        # The mount table now, not when the clean was decided: a mount may have appeared since.
+        with open(self.mountinfo, encoding="utf-8", errors="surrogateescape") as f:
+            nested = [m.mount_point for m in parse_mountinfo(f.read())
+                      if m.mount_point.startswith(real.rstrip("/") + "/")]
+        report = clean_filesystem(real, st.st_dev, [*job.nested_mounts, *nested],
+                                  self._stop, time.monotonic() + self.timeout)
         return report.summary()
 
 

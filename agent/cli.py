@@ -112,7 +112,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
                             clean_retry_base=args.clean_retry_base, config_path=args.config,
                             job_image=args.job_image, namespace=args.namespace)
     reconciler.cleaner = Cleaner(args.clean_concurrency, args.clean_timeout,
-                                 on_done=lambda: reconciler.waker.wake("cleaner"))
+                                 on_done=lambda: reconciler.waker.wake("cleaner"),
+                                 mountinfo=args.mountinfo)
     metrics.watch_state(lambda: sample_state(reconciler, kube))
     _start_sources(reconciler, args)
     server = None

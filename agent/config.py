@@ -122,10 +122,10 @@ def load_config(path: str | os.PathLike[str]) -> Config:
                 continue
             if not entry.is_file():
                 continue
-            raw[entry.name] = _load_yaml(entry.read_text(encoding="utf-8"), entry.name)
+            raw[entry.name] = _load_yaml(_read_text(entry), entry.name)
         return parse_config(raw)
     if p.is_file():
-        data = _load_yaml(p.read_text(encoding="utf-8"), str(p))
+        data = _load_yaml(_read_text(p), str(p))
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
@@ -274,11 +274,20 @@ def _check_selector_term(term: Any, where: str) -> None:
 def _load_yaml(text: str, where: str) -> Any:
     try:
         return yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(where, text[:40], "YAML nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(where, text[:40], f"invalid YAML{line}: {problem}") from None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path.name, f"byte {exc.start}", "not valid UTF-8") from None
 
 
 def _expect(ok: bool, key_path: str, value: object, problem: str) -> None:

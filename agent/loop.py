@@ -8,6 +8,7 @@ wait. API failures back off exponentially and never end the loop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from typing import Any
 
 from agent.cleaner import Cleaner, CleanJob, CleanOutcome, DirtyStore
 from agent.config import Config, ConfigError, fingerprint, load_config
-from agent.discovery import Discovery, HostSnapshot, HostView, discover
+from agent.discovery import Discovery, HostSnapshot, HostView, Volume, discover
 from agent.host import HostReader
 from agent.jobs import JobState, cleanup_job, job_failure, job_name, job_state
 from agent.kube import PV, ApiError, Kube
@@ -32,6 +33,7 @@ from agent.plan import (
     Notice,
     Plan,
     Withdrawal,
+    affinity_hostnames,
     cleaning_state,
     exclusion_notices,
     is_this_nodes,
@@ -42,7 +44,7 @@ from agent.plan import (
     retry_delay,
 )
 from agent.sources import Waker
-from agent.volumes import MANAGED_BY_LABEL, ClassPolicy, NodeInfo, pv_manifest
+from agent.volumes import MANAGED_BY_LABEL, ClassPolicy, NodeInfo, pv_manifest, pv_name
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +226,11 @@ class Reconciler:
                 log.warning("pass failed, retrying in %.0fs: %s", delay, exc)
                 self._sleep(delay)
                 continue
+            except Exception:  # a bug must not stop every volume of the node: log, back off
+                delay = backoff.next_delay()
+                log.exception("pass crashed, retrying in %.0fs", delay)
+                self._sleep(delay)
+                continue
             if result.errors:
                 delay = backoff.next_delay()
                 log.warning("%d API writes failed, retrying in %.0fs", result.errors, delay)
@@ -380,6 +387,8 @@ class Reconciler:
                 log.info("not cleaning PV %s now: %s", decision.pv_name, exc)
                 return
             self._heartbeats[decision.pv_name] = time.monotonic()
+        if decision.pv_name is None and self._pv_exists_for(decision.key, volume):
+            return
         if (self.config.use_job_for_cleaning and job.raw_device and decision.pv_name
                 and self._start_job(job)):
             return
@@ -388,6 +397,30 @@ class Reconciler:
                      "block cleaner" if job.raw_device else "filesystem",
                      f"released PV {decision.pv_name}" if decision.pv_name
                      else "a volume whose PV was deleted before it was cleaned")
+
+    def _pv_exists_for(self, path: str, volume: Volume) -> bool:
+        """Before cleaning a dirty volume that has no PV in the cache, ask the API itself: a
+        PV whose labels were edited drops out of the watch but may still be bound and in use."""
+        names = {pv_name(volume.entry_name, self.node.name, volume.class_name)}
+        if self.dirty is not None:
+            names.add(self.dirty.pv_name(path))
+        try:
+            for name in sorted(n for n in names if n):
+                found = self.kube.get_pv(name)
+                if found is not None and local_path(found) == path and \
+                        self.node.hostname_label in affinity_hostnames(found):
+                    log.warning("not cleaning %s: PV %s still exists for it (without this "
+                                "agent's labels?)", path, name)
+                    return True
+            for pv, _ in self.kube.list_pvs(limit=500):
+                if local_path(pv) == path and self.node.hostname_label in affinity_hostnames(pv):
+                    log.warning("not cleaning %s: PV %s still exists for it", path,
+                                pv["metadata"]["name"])
+                    return True
+        except ApiError as exc:
+            log.warning("not cleaning %s now: cannot check for its PV: %s", path, exc)
+            return True
+        return False
 
     def _running_cleans(self) -> frozenset[str]:
         running = self.cleaner.running() if self.cleaner else frozenset()
@@ -426,6 +459,14 @@ class Reconciler:
                 continue
             if found is None:
                 self._jobs.pop(key)  # deleted by an admin: decided again on this pass
+                continue
+            if (found["metadata"].get("labels") or {}).get("pvuuid") != job.pv_uid:
+                # Left from an earlier PV of the same name: it says nothing about this one.
+                log.warning("Job %s belongs to an earlier PV %s; deleting it",
+                            job_name(job.pv_name), job.pv_name)
+                with contextlib.suppress(ApiError):
+                    self.kube.delete_job(self.namespace, job_name(job.pv_name))
+                self._jobs.pop(key)
                 continue
             state = job_state(found)
             if state is JobState.RUNNING:
@@ -496,7 +537,15 @@ class Reconciler:
         job = outcome.job
         if job.pv_name is not None:
             try:
-                self.kube.delete_pv(job.pv_name, job.pv_uid)
+                current = self.kube.get_pv(job.pv_name)
+                if current is not None and current["metadata"].get("uid") == job.pv_uid:
+                    if (current.get("status") or {}).get("phase") != "Released":
+                        log.warning("cleaned %s but PV %s is %s now, no longer Released: not "
+                                    "deleting it", job.key, job.pv_name,
+                                    (current.get("status") or {}).get("phase"))
+                        return
+                    self.kube.delete_pv(job.pv_name, job.pv_uid,
+                                        current["metadata"].get("resourceVersion"))
             except ApiError as exc:
                 if not exc.not_found:
                     log.warning("cleaned %s but deleting PV %s failed: %s; cleaning again later",
@@ -661,6 +710,7 @@ class Reconciler:
                 if exc.gone:
                     log.info("PV watch expired; listing again")
                     self.cache.version = ""
+                    self._sleep(min(backoff.next_delay(), 5.0))  # never a tight relist loop
                     continue
                 delay = backoff.next_delay()
                 log.warning("PV watch failed, retrying in %.0fs with a fresh list: %s", delay, exc)
@@ -717,7 +767,7 @@ class Reconciler:
         self._config_fingerprint = current
         try:
             config = load_config(self.config_path)
-        except (ConfigError, OSError) as exc:
+        except (ConfigError, OSError, ValueError, RecursionError) as exc:
             self.config_reloads["rejected"] += 1
             self._emit(Notice("Node", self.node.name, "Warning", "ConfigRejected",
                               f"the edited config {self.config_path} is invalid, the previous "
@@ -742,9 +792,12 @@ class Reconciler:
         deadline = min(deadline, self.waker.next_alarm())
         while not self.stop.is_set():
             self.state.heartbeat = time.monotonic()
-            self._renew_cleanings()
-            if self._reload_config():
-                break
+            try:
+                self._renew_cleanings()
+                if self._reload_config():
+                    break
+            except Exception:  # housekeeping must never end the loop
+                log.exception("housekeeping between passes failed")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break

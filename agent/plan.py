@@ -268,7 +268,18 @@ def cleaning_state(pv: PV) -> dict[str, Any]:
         record = json.loads(raw) if raw else {}
     except ValueError:
         return {}
-    return record if isinstance(record, dict) else {}
+    if not isinstance(record, dict):
+        return {}
+    try:  # anyone who may patch PVs can write it: only well-typed values count
+        return {
+            "state": str(record.get("state", "")), "by": str(record.get("by", "")),
+            "heartbeat": float(record.get("heartbeat") or 0),
+            "retryAfter": float(record.get("retryAfter") or 0),
+            "attempts": int(record.get("attempts") or 0),
+            **{k: record[k] for k in ("since", "error") if isinstance(record.get(k), str)},
+        }
+    except (TypeError, ValueError):
+        return {}
 
 
 def retry_delay(attempts: int, base: float = RETRY_BASE) -> float:

@@ -356,3 +356,25 @@ def test_block_volume_cleaned_by_an_upstream_style_job(node: Node) -> None:
     _, metrics = node.agent.get("/metrics") if node.agent else (0, "")
     assert ('local_volume_provisioner_persistentvolume_delete_total'
             '{mode="Block",type="job"} 1.0') in metrics
+
+
+def test_bound_pv_whose_labels_were_edited_is_never_cleaned(node: Node) -> None:
+    """The watch selects on the agent's labels: a PV whose label was removed drops out of it.
+    Its dirty volume must not look PV-less and be wiped while the claim still uses it."""
+    mount = node.disks.tmpfs(node.fs_dir / "relabelled")
+    node.start()
+    pv = wait_for(lambda: node.pv("relabelled"), 20, "PV for relabelled")
+    bind(node, pv, "relabel")
+    (mount / "in-use.db").write_text("live data")
+    time.sleep(1)  # seen Bound: the volume is now remembered as dirty
+    node.cluster.kubectl("label", "pv", pv["metadata"]["name"], "app.kubernetes.io/managed-by-")
+    wait_for(lambda: "still exists for it" in node.log(), 20,
+             "the agent checking the API before cleaning", on_timeout=node.log)
+    time.sleep(2)
+    assert (mount / "in-use.db").read_text() == "live data"
+    current = node.pv("relabelled")
+    assert current is not None and current["metadata"]["uid"] == pv["metadata"]["uid"]
+    assert current["status"]["phase"] == "Bound"
+    same_path = [p for p in pvs_of(node.cluster, node.name)
+                 if p["spec"]["local"]["path"] == "/mnt/disks/relabelled"]
+    assert len(same_path) == 1  # and no second PV for the path

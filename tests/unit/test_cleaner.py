@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,38 @@ def test_refuses_another_device_and_reports_skipped_mounts(tmp_path: Path) -> No
                                              ((500 << 30) + 1, "1000G")])
 def test_capacity_breakdown_like_upstream(size: int, label: str) -> None:
     assert capacity_breakdown(size) == label
+
+
+def test_a_stop_request_ends_the_clean_before_touching_anything(tmp_path: Path) -> None:
+    root = tmp_path / "vol"
+    (root / "d").mkdir(parents=True)
+    (root / "d" / "f").write_text("x")
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(CleanError, match="stopping"):
+        clean_filesystem(str(root), os.stat(root).st_dev, stop=stop)
+    assert (root / "d" / "f").exists()
+
+
+def test_a_finished_clean_counts_as_running_until_collected(tmp_path: Path) -> None:
+    """Otherwise a pass between the end of a clean and its collection would start another."""
+    from agent.cleaner import Cleaner, CleanJob  # noqa: PLC0415
+
+    volume = tmp_path / "disks" / "vol"
+    volume.mkdir(parents=True)
+    (volume / "data").write_text("x")
+    st = os.stat(volume)
+    done = threading.Event()
+    cleaner = Cleaner(concurrency=1, on_done=done.set, mountinfo="/dev/null")
+    job = CleanJob(key="/mnt/disks/vol", pv_name=None, pv_uid="", class_name="c",
+                   mode="Filesystem", raw_device=False, container_path=str(volume),
+                   mount_dir=str(tmp_path / "disks"),
+                   device=f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}", command=("x",))
+    assert cleaner.submit(job)
+    assert done.wait(10)
+    assert cleaner.running() == {"/mnt/disks/vol"}
+    assert not cleaner.submit(job)  # no second clean of the same volume
+    (outcome,) = cleaner.collect()
+    assert outcome.ok and os.listdir(volume) == []
+    assert cleaner.running() == frozenset()
+    cleaner.shutdown()
