@@ -162,52 +162,47 @@ class _Walk:
         return None
 
     def _unlink(self, fd: int, name: str, full: str, st: os.stat_result) -> None:
-        try:
-            _remove(fd, name, is_dir=False)
+        failure = self._remove(fd, name, full, is_dir=False,
+                               own_flags=stat.S_ISREG(st.st_mode))
+        if failure is None:
             self.report.files += 1
-            return
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            first = exc
-        # Immutable or append-only (on the entry or its directory): root may clear the flags.
-        cleared = _clear_flags(fd)
-        if stat.S_ISREG(st.st_mode):
-            cleared = _clear_flags_at(fd, name) or cleared
-        if cleared:
-            self.report.flags_cleared.append(full)
-            try:
-                _remove(fd, name, is_dir=False)
-                self.report.files += 1
-                return
-            except OSError as exc:
-                first = exc
-        self._give_up(full, first)
+        elif not isinstance(failure, FileNotFoundError):
+            self._give_up(full, failure)
 
     def _remove_dir(self, parent_fd: int, name: str, full: str) -> None:
         """rmdir an emptied directory; anything that keeps it is left over and reported."""
-        try:
-            _remove(parent_fd, name, is_dir=True)
+        failure = self._remove(parent_fd, name, full, is_dir=True, own_flags=True)
+        if failure is None:
             self.report.dirs += 1
             return
-        except OSError as exc:
-            first = exc
-        if first.errno == errno.EPERM:  # the flags of the directory or of its parent
-            cleared = _clear_flags(parent_fd)
-            cleared = _clear_flags_at(parent_fd, name) or cleared
-            if cleared:
-                self.report.flags_cleared.append(full)
-                try:
-                    _remove(parent_fd, name, is_dir=True)
-                    self.report.dirs += 1
-                    return
-                except OSError as exc:
-                    first = exc
         inside = full + "/"
-        if first.errno != errno.ENOTEMPTY or not any(p.startswith(inside)
-                                                     for p in self.given_up):
-            self._give_up(full, first)  # nothing inside explains it: report the directory
+        if failure.errno != errno.ENOTEMPTY or not any(p.startswith(inside)
+                                                       for p in self.given_up):
+            self._give_up(full, failure)  # nothing inside explains it: report the directory
         self.given_up.add(full)
+
+    def _remove(self, dir_fd: int, name: str, full: str, is_dir: bool,
+                own_flags: bool) -> OSError | None:
+        """Remove one entry; when immutable or append-only flags (on the entry, for regular
+        files and directories only, or on its directory) stop it, clear them and try again."""
+        try:
+            _remove(dir_fd, name, is_dir)
+            return None
+        except OSError as exc:
+            if exc.errno != errno.EPERM:
+                return exc
+            failure = exc
+        cleared = _clear_flags(dir_fd)
+        if own_flags:
+            cleared = _clear_flags_at(dir_fd, name) or cleared
+        if not cleared:
+            return failure
+        self.report.flags_cleared.append(full)
+        try:
+            _remove(dir_fd, name, is_dir)
+        except OSError as exc:
+            return exc
+        return None
 
     def _give_up(self, full: str, exc: OSError) -> None:
         if full not in self.given_up:
