@@ -56,6 +56,21 @@ def class_config(path: Path, mount_dir: Path, cls: str = "local-storage",
     return path
 
 
+def fs_and_block_dirs(work: Path, **block: object) -> tuple[Path, Path, Path]:
+    """Discovery dirs for a Filesystem class `local-storage` (/mnt/disks) and a Block class
+    `local-block` (/mnt/block, with `block`'s extra keys); returns (fs dir, block dir, config)."""
+    fs_dir, block_dir = work / "disks", work / "block"
+    fs_dir.mkdir()
+    block_dir.mkdir()
+    config = work / "config.yaml"
+    config.write_text(yaml.safe_dump({"storageClassMap": {
+        "local-storage": {"hostDir": "/mnt/disks", "mountDir": str(fs_dir)},
+        "local-block": {"hostDir": "/mnt/block", "mountDir": str(block_dir),
+                        "volumeMode": "Block", **block},
+    }}))
+    return fs_dir, block_dir, config
+
+
 def write_token_kubeconfig(cluster: ControlPlane, path: Path, account: str = "localpv-agent",
                            namespace: str = "localpv-agent") -> Path:
     """Ask the TokenRequest API for a ServiceAccount token and wrap it in a kubeconfig."""

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from agent.volumes import pv_name
 from tests.disks import Disks, disks, sh
-from tests.e2e.agents import Agent, events_for, node_for_test, pvs_of, wait_for
+from tests.e2e.agents import Agent, events_for, fs_and_block_dirs, node_for_test, pvs_of, wait_for
 from tests.harness.controlplane import ControlPlane
 from tests.harness.udevd import Udevd, settle, trigger_block_changes
 
@@ -56,14 +55,7 @@ def metric(agent: Agent, name: str, **labels: str) -> float:
 def node(cluster: ControlPlane, agent_kubeconfig: Path, udevd: Udevd, tmp_path: Path,
          request: pytest.FixtureRequest) -> Iterator[Node]:
     name = node_for_test(cluster, request.node.name)
-    fs_dir, block_dir = tmp_path / "disks", tmp_path / "block"
-    fs_dir.mkdir()
-    block_dir.mkdir()
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"storageClassMap": {
-        FS: {"hostDir": "/mnt/disks", "mountDir": str(fs_dir)},
-        BLOCK: {"hostDir": "/mnt/block", "mountDir": str(block_dir), "volumeMode": "Block"},
-    }}))
+    fs_dir, block_dir, config = fs_and_block_dirs(tmp_path)
     marker = request.node.get_closest_marker("agent_args")
     extra = tuple(marker.args) if marker else ()
     with disks(tmp_path) as d:

@@ -20,7 +20,15 @@ import yaml
 
 from agent.volumes import pv_name
 from tests.disks import Disks, disks, sh
-from tests.e2e.agents import REPO, Agent, events_for, node_for_test, pvs_of, wait_for
+from tests.e2e.agents import (
+    REPO,
+    Agent,
+    events_for,
+    fs_and_block_dirs,
+    node_for_test,
+    pvs_of,
+    wait_for,
+)
 from tests.harness.controlplane import ControlPlane
 
 FS, BLOCK = "local-storage", "local-block"
@@ -61,15 +69,8 @@ class Node:
 def node(cluster: ControlPlane, agent_kubeconfig: Path, tmp_path: Path,
          request: pytest.FixtureRequest) -> Iterator[Node]:
     name = node_for_test(cluster, request.node.name)
-    fs_dir, block_dir = tmp_path / "disks", tmp_path / "block"
-    fs_dir.mkdir()
-    block_dir.mkdir()
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"storageClassMap": {
-        FS: {"hostDir": "/mnt/disks", "mountDir": str(fs_dir)},
-        BLOCK: {"hostDir": "/mnt/block", "mountDir": str(block_dir), "volumeMode": "Block",
-                "blockCleanerCommand": [str(CLEANERS / "dd_zero.sh")]},
-    }}))
+    fs_dir, block_dir, config = fs_and_block_dirs(
+        tmp_path, blockCleanerCommand=[str(CLEANERS / "dd_zero.sh")])
     with disks(tmp_path) as d:
         n = Node(name, fs_dir, block_dir, config, tmp_path, d, cluster, agent_kubeconfig)
         try:
