@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -60,79 +60,59 @@ class StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self.sample()
-        volumes = GaugeMetricFamily(f"{OWN}_volumes", "PVs of this node by class, mode and state.",
-                                    labels=["class", "mode", "state"])
-        counts: dict[tuple[str, str, str], int] = {}
+        counts: dict[tuple[str, ...], int] = {}
         for v in s.volumes:
             key = (v.class_name, v.mode, v.state)
             counts[key] = counts.get(key, 0) + 1
-        for key, n in sorted(counts.items()):
-            volumes.add_metric(list(key), n)
-        yield volumes
-
-        info = GaugeMetricFamily(f"{OWN}_volume_info", "One series per PV of this node, for joins.",
-                                 labels=["persistentvolume", "class", "path", "fs_uuid", "wwn",
-                                         "serial"])
-        for v in s.volumes:
-            info.add_metric([v.name, v.class_name, v.path, v.identity.get("fs-uuid", ""),
-                             v.identity.get("wwn", ""), v.identity.get("serial", "")], 1)
-        yield info
-
-        capacity = GaugeMetricFamily(f"{OWN}_capacity_bytes",
-                                     "Capacity the node offers now, by class and volume mode.",
-                                     labels=["class", "mode"])
+        yield _family(GaugeMetricFamily, "volumes", "PVs of this node by class, mode and state.",
+                      ["class", "mode", "state"], counts.items())
+        yield _family(GaugeMetricFamily, "volume_info",
+                      "One series per PV of this node, for joins.",
+                      ["persistentvolume", "class", "path", "fs_uuid", "wwn", "serial"],
+                      {(v.name, v.class_name, v.path, v.identity.get("fs-uuid", ""),
+                        v.identity.get("wwn", ""), v.identity.get("serial", "")): 1
+                       for v in s.volumes}.items())
+        by_mode: dict[tuple[str, ...], int] = {}
+        for (_, mode), size in s.offered.items():
+            by_mode[(mode,)] = by_mode.get((mode,), 0) + size
+        yield _family(GaugeMetricFamily, "capacity_bytes",
+                      "Capacity the node offers now, by class and volume mode.",
+                      ["class", "mode"], s.offered.items())
         upstream = GaugeMetricFamily(f"{PREFIX}_persistentvolume_capacity_bytes",
                                      "Capacity the node offers now, by volume mode.",
                                      labels=["mode"])
-        by_mode: dict[str, int] = {}
-        for (cls, mode), size in sorted(s.offered.items()):
-            capacity.add_metric([cls, mode], size)
-            by_mode[mode] = by_mode.get(mode, 0) + size
-        for mode, size in sorted(by_mode.items()):
-            upstream.add_metric([mode], size)
-        yield capacity
+        for mode_key, size in sorted(by_mode.items()):
+            upstream.add_metric(list(mode_key), size)
         yield upstream
-
-        excluded = GaugeMetricFamily(f"{OWN}_excluded_entries",
-                                     "Discovery entries not offered, by class and reason.",
-                                     labels=["class", "reason"])
-        for (cls, reason), n in sorted(s.excluded.items()):
-            excluded.add_metric([cls, reason], n)
-        yield excluded
-
-        wakeups = CounterMetricFamily(f"{OWN}_wakeups", "Wake-ups of the loop, by source.",
-                                      labels=["source"])
-        for source, n in sorted(s.wakeups.items()):
-            wakeups.add_metric([source], n)
-        yield wakeups
-        failures = CounterMetricFamily(f"{OWN}_wakeup_source_failures",
-                                       "Times a wake-up source lost events and was recovered.",
-                                       labels=["source"])
-        for source, n in sorted(s.source_failures.items()):
-            failures.add_metric([source], n)
-        yield failures
-        active = GaugeMetricFamily(f"{OWN}_wakeup_source_active",
-                                   "Whether a wake-up source runs (1) or is unavailable (0).",
-                                   labels=["source"])
-        for source, on in sorted(s.sources_active.items()):
-            active.add_metric([source], 1 if on else 0)
-        yield active
-
-        requests = CounterMetricFamily(f"{OWN}_api_requests", "API requests by verb and result.",
-                                       labels=["verb", "result"])
-        for (verb, result), n in sorted(s.api_requests.items()):
-            requests.add_metric([verb, result], n)
-        yield requests
-
+        yield _family(GaugeMetricFamily, "excluded_entries",
+                      "Discovery entries not offered, by class and reason.", ["class", "reason"],
+                      s.excluded.items())
+        yield _family(CounterMetricFamily, "wakeups", "Wake-ups of the loop, by source.",
+                      ["source"], (((k,), n) for k, n in s.wakeups.items()))
+        yield _family(CounterMetricFamily, "wakeup_source_failures",
+                      "Times a wake-up source lost events and was recovered.", ["source"],
+                      (((k,), n) for k, n in s.source_failures.items()))
+        yield _family(GaugeMetricFamily, "wakeup_source_active",
+                      "Whether a wake-up source runs (1) or is unavailable (0).", ["source"],
+                      (((k,), int(on)) for k, on in s.sources_active.items()))
+        yield _family(CounterMetricFamily, "api_requests", "API requests by verb and result.",
+                      ["verb", "result"], s.api_requests.items())
         yield GaugeMetricFamily(f"{OWN}_ready", "1 when the first pass is done and the API "
                                 "answers (what /ready says).", value=1 if s.ready else 0)
+        yield _family(CounterMetricFamily, "config_reloads",
+                      "Config edits applied or rejected (the old one kept).", ["result"],
+                      (((r,), s.config_reloads.get(r, 0)) for r in ("applied", "rejected")))
 
-        reloads = CounterMetricFamily(f"{OWN}_config_reloads",
-                                      "Config edits applied or rejected (the old one kept).",
-                                      labels=["result"])
-        for result in ("applied", "rejected"):
-            reloads.add_metric([result], s.config_reloads.get(result, 0))
-        yield reloads
+
+def _family(
+    kind: type[GaugeMetricFamily] | type[CounterMetricFamily], name: str, documentation: str,
+    labels: list[str], values: Iterable[tuple[tuple[str, ...], int]],
+) -> Metric:
+    """One metric family of this agent's, its samples in a stable order."""
+    family = kind(f"{OWN}_{name}", documentation, labels=labels)
+    for key, value in sorted(values):
+        family.add_metric(list(key), value)
+    return family
 
 
 class Metrics:
