@@ -456,6 +456,7 @@ class Cleaner:
             st = os.stat(path)
             if not stat.S_ISBLK(st.st_mode) or _devno(st.st_rdev) != job.device:
                 raise CleanError(f"{path} is no longer block device {job.device}; refusing")
+            _expect_unused(path)
             run_block_cleaner(job.command, path, self.timeout, label, self._stop)
             return f"{job.command[0]} succeeded"
         real = os.path.realpath(path)  # an entry may be a link to a mount in the same dir
@@ -471,6 +472,19 @@ class Cleaner:
         report = clean_filesystem(real, st.st_dev, [*job.nested_mounts, *nested],
                                   self._stop, time.monotonic() + self.timeout)
         return report.summary()
+
+
+def _expect_unused(device: str) -> None:
+    """The kernel refuses an exclusive open of a device that is mounted (in any mount
+    namespace) or held (LVM, md, another exclusive opener): never wipe such a device."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise CleanError(f"{device} is in use (mounted or held, maybe in another mount "
+                             "namespace); refusing to wipe it") from None
+        raise
+    os.close(fd)
 
 
 def _devno(value: int) -> str:

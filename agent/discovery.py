@@ -115,6 +115,9 @@ class HostSnapshot:
     mounts: Sequence[Mount]
     real_dirs: Mapping[str, str] = field(default_factory=dict)  # class -> resolved mountDir
     dir_errors: Mapping[str, str] = field(default_factory=dict)  # class -> why it was unreadable
+    # mount point -> "major:minor" of its source device node, where that differs from the
+    # mount's own device number (btrfs shows an anonymous 0:N in mountinfo)
+    mount_sources: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,8 @@ def discover(
     for cls, facts in ordered:
         if not cls.matches(facts.name):
             continue
-        outcome = _classify(cls, facts, mounts_at, mounts, system_devices, mount_dirs)
+        outcome = _classify(cls, facts, mounts_at, mounts, system_devices, mount_dirs,
+                            host.mount_sources)
         if isinstance(outcome, Exclusion):
             exclusions.append(outcome)
             continue
@@ -215,6 +219,7 @@ def _classify(
     mounts: Sequence[Mount],
     system_devices: Mapping[str, str],
     mount_dirs: Sequence[str],
+    mount_sources: Mapping[str, str],
 ) -> Exclusion | tuple[Volume, str]:
     if _has_undecodable_bytes(facts.name):
         return _exclude(cls, facts, Reason.INVALID_NAME,
@@ -231,7 +236,7 @@ def _classify(
                         "neither a directory (mount point) nor a block device")
     if facts.file_type is FileType.DIRECTORY:
         return _classify_directory(cls, facts, mounts_at, system_devices, mount_dirs)
-    return _classify_block(cls, facts, mounts, system_devices, mount_dirs)
+    return _classify_block(cls, facts, mounts, system_devices, mount_dirs, mount_sources)
 
 
 def _classify_directory(
@@ -280,6 +285,7 @@ def _classify_block(
     mounts: Sequence[Mount],
     system_devices: Mapping[str, str],
     mount_dirs: Sequence[str],
+    mount_sources: Mapping[str, str],
 ) -> Exclusion | tuple[Volume, str]:
     device = facts.device or "?"
     family = {device, *facts.partitions}
@@ -288,7 +294,8 @@ def _classify_block(
         return _exclude(cls, facts, Reason.SYSTEM_DEVICE,
                         f"device {system[0]} backs the host's {system_devices[system[0]]}")
     # A mounted device is never offered raw, whichever class or entry comes first.
-    mounted = sorted(m.mount_point for m in mounts if m.device in family)
+    mounted = sorted(m.mount_point for m in mounts
+                     if m.device in family or mount_sources.get(m.mount_point) in family)
     elsewhere = [p for p in mounted if not _inside_any(p, mount_dirs)]
     if elsewhere:
         return _exclude(cls, facts, Reason.DEVICE_IN_USE,

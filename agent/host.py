@@ -67,7 +67,25 @@ class HostReader:
             entries[cls.name] = [
                 self.entry(os.path.join(real, n), n, mounts_at) for n in names if cls.matches(n)
             ]
-        return HostSnapshot(entries, mounts, real_dirs, dir_errors)
+        return HostSnapshot(entries, mounts, real_dirs, dir_errors, self.mount_sources(mounts))
+
+    @staticmethod
+    def mount_sources(mounts: list[Mount]) -> dict[str, str]:
+        """Device numbers of mount sources that are device nodes, where mountinfo's own number
+        differs (btrfs): a raw device is never offered while any of its filesystems is mounted."""
+        sources: dict[str, str] = {}
+        for m in mounts:
+            if not m.source.startswith("/dev/"):
+                continue
+            try:
+                st = os.stat(m.source)
+            except OSError:
+                continue
+            if stat.S_ISBLK(st.st_mode):
+                devno = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+                if devno != m.device:
+                    sources[m.mount_point] = devno
+        return sources
 
     def mounts(self) -> list[Mount]:
         with open(self.mountinfo, encoding="utf-8", errors="surrogateescape") as f:

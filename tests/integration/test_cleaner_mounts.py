@@ -44,3 +44,48 @@ def test_read_only_volume_fails_once_per_entry_not_per_rescan(tmp_path: Path) ->
             clean_filesystem(str(root), os.stat(root).st_dev)
     finally:
         subprocess.run(["umount", str(root)], check=True)
+
+
+def test_block_cleaner_refuses_a_device_mounted_in_another_namespace(tmp_path: Path) -> None:
+    """The agent cannot see mounts of other mount namespaces in its mount table; the
+    kernel's exclusive-open check still catches them before anything is wiped."""
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    from agent.cleaner import Cleaner, CleanJob  # noqa: PLC0415
+    from tests.disks import disks  # noqa: PLC0415
+
+    require(os.geteuid() == 0, "loop devices and namespaces need root")
+    with disks(tmp_path) as d:
+        device = d.loop("other-ns", size_mib=16, fs="ext4")
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        holder = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+             f"mount {device} {elsewhere} && echo mounted && sleep 60"],
+            stdout=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "mounted"
+            assert not os.path.ismount(elsewhere)  # invisible from here
+            mount_dir = tmp_path / "block"
+            mount_dir.mkdir()
+            (mount_dir / "disk").symlink_to(device)
+            st = os.stat(device)
+            before = Path(device).read_bytes()[:1 << 20]
+            done = threading.Event()
+            cleaner = Cleaner(on_done=done.set, mountinfo="/proc/self/mountinfo")
+            cleaner.submit(CleanJob(
+                key="/mnt/block/disk", pv_name=None, pv_uid="", class_name="b", mode="Block",
+                raw_device=True, container_path=str(mount_dir / "disk"),
+                mount_dir=str(mount_dir), device=f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}",
+                command=("/bin/sh", "-c", "dd if=/dev/zero of=$LOCAL_PV_BLKDEVICE bs=1M")))
+            assert done.wait(20)
+            (outcome,) = cleaner.collect()
+            cleaner.shutdown()
+            assert not outcome.ok and "in use" in outcome.detail
+            assert Path(device).read_bytes()[:1 << 20] == before
+        finally:
+            os.killpg(holder.pid, signal.SIGKILL)
+            holder.wait()
+            if holder.stdout is not None:
+                holder.stdout.close()

@@ -193,3 +193,13 @@ def test_parse_mountinfo_with_escapes_and_optional_fields() -> None:
 ])
 def test_unescape(raw: str, decoded: str) -> None:
     assert unescape_mount_path(raw) == decoded
+
+
+def test_block_device_mounted_under_an_anonymous_device_number_is_in_use() -> None:
+    """btrfs shows 0:N in mountinfo; the mount's source node still names the disk."""
+    btrfs = Mount(20, 1, "0:45", "/", "/srv", "btrfs", "/dev/sdb")
+    found = discover(CONFIG, HostSnapshot({"raw": [block("sdb-link", "8:16")]}, [ROOT, btrfs],
+                                          mount_sources={"/srv": "8:16"}))
+    assert found.volumes == ()
+    assert found.exclusions[0].reason is Reason.DEVICE_IN_USE
+    assert "mounted at /srv" in found.exclusions[0].detail
