@@ -26,7 +26,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +42,10 @@ DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 class CleanError(Exception):
     """The volume is not clean; the message says what is left and why."""
+
+
+class VolumeBusyError(Exception):
+    """Another agent instance on this node holds the volume's cleaning lock."""
 
 
 @dataclass
@@ -374,6 +378,7 @@ class CleanOutcome:
     ok: bool
     seconds: float
     detail: str
+    busy: bool = False  # not attempted: another instance is cleaning it
 
 
 class Cleaner:
@@ -381,10 +386,12 @@ class Cleaner:
 
     def __init__(self, concurrency: int = 2, timeout: float = 6 * 3600.0,
                  on_done: Callable[[], None] | None = None,
-                 mountinfo: str = "/proc/self/mountinfo") -> None:
+                 mountinfo: str = "/proc/self/mountinfo",
+                 lock_dir: str | None = None) -> None:
         self.timeout = timeout
         self.on_done = on_done
         self.mountinfo = mountinfo
+        self.lock_dir = Path(lock_dir) if lock_dir else None
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=max(1, concurrency),
                                         thread_name_prefix="clean")
@@ -437,7 +444,11 @@ class Cleaner:
         started = time.monotonic()
         label = job.pv_name or job.key
         try:
-            detail = self._verify_and_clean(job, label)
+            with self._volume_lock(job.key):
+                detail = self._verify_and_clean(job, label)
+        except VolumeBusyError:
+            log.info("clean %s: another agent on this node is cleaning it", label)
+            return CleanOutcome(job, False, time.monotonic() - started, "busy", busy=True)
         except (CleanError, OSError) as exc:
             log.warning("clean %s failed: %s", label, exc)
             return CleanOutcome(job, False, time.monotonic() - started, str(exc))
@@ -446,6 +457,27 @@ class Cleaner:
             return CleanOutcome(job, False, time.monotonic() - started, repr(exc))
         log.info("clean %s done: %s", label, detail)
         return CleanOutcome(job, True, time.monotonic() - started, detail)
+
+    @contextlib.contextmanager
+    def _volume_lock(self, key: str) -> Iterator[None]:
+        """A host-wide lock per volume (a lock file in the state dir, which every agent
+        instance of the node shares): two agents never clean one volume at once, whether it
+        has a PV or not."""
+        if self.lock_dir is None:
+            yield
+            return
+        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        fd = os.open(self.lock_dir / f"{digest}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise VolumeBusyError(key) from None
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
     def _verify_and_clean(self, job: CleanJob, label: str) -> str:
         path = posixpath.normpath(job.container_path)

@@ -113,7 +113,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
                             job_image=args.job_image, namespace=args.namespace)
     reconciler.cleaner = Cleaner(args.clean_concurrency, args.clean_timeout,
                                  on_done=lambda: reconciler.waker.wake("cleaner"),
-                                 mountinfo=args.mountinfo)
+                                 mountinfo=args.mountinfo,
+                                 lock_dir=os.path.join(args.state_dir, "locks"))
     metrics.watch_state(lambda: sample_state(reconciler, kube))
     _start_sources(reconciler, args)
     server = None

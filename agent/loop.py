@@ -526,7 +526,7 @@ class Reconciler:
         if self.cleaner is None:
             return
         for outcome in self.cleaner.collect():
-            if self.on_clean is not None:
+            if self.on_clean is not None and not outcome.busy:
                 self.on_clean(outcome)
             if outcome.ok:
                 self._clean_succeeded(outcome)
@@ -563,6 +563,9 @@ class Reconciler:
 
     def _clean_failed(self, outcome: CleanOutcome) -> None:
         job = outcome.job
+        if outcome.busy:  # another instance cleans it now: look again later, quietly
+            self.waker.wake_at(time.monotonic() + self.clean_stale_after / 3)
+            return
         if job.pv_name is None:
             _, attempts = self._clean_retry.get(job.key, (0.0, 0))
             self._clean_retry[job.key] = (

@@ -92,3 +92,34 @@ def test_a_finished_clean_counts_as_running_until_collected(tmp_path: Path) -> N
     assert outcome.ok and os.listdir(volume) == []
     assert cleaner.running() == frozenset()
     cleaner.shutdown()
+
+
+def test_a_volume_locked_by_another_agent_is_not_cleaned(tmp_path: Path) -> None:
+    import fcntl  # noqa: PLC0415
+    import hashlib  # noqa: PLC0415
+
+    from agent.cleaner import Cleaner, CleanJob  # noqa: PLC0415
+
+    volume = tmp_path / "disks" / "vol"
+    volume.mkdir(parents=True)
+    (volume / "data").write_text("x")
+    locks = tmp_path / "state" / "locks"
+    locks.mkdir(parents=True)
+    digest = hashlib.sha256(b"/mnt/disks/vol").hexdigest()[:32]
+    held = os.open(locks / f"{digest}.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)  # what a twin agent cleaning it holds
+    st = os.stat(volume)
+    done = threading.Event()
+    cleaner = Cleaner(on_done=done.set, mountinfo="/dev/null", lock_dir=str(locks))
+    try:
+        cleaner.submit(CleanJob(
+            key="/mnt/disks/vol", pv_name=None, pv_uid="", class_name="c", mode="Filesystem",
+            raw_device=False, container_path=str(volume), mount_dir=str(tmp_path / "disks"),
+            device=f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}", command=("x",)))
+        assert done.wait(10)
+        (outcome,) = cleaner.collect()
+        assert outcome.busy and not outcome.ok
+        assert (volume / "data").exists()
+    finally:
+        os.close(held)
+        cleaner.shutdown()
