@@ -485,10 +485,7 @@ class Cleaner:
         if parent != posixpath.normpath(job.mount_dir) or path == job.mount_dir:
             raise CleanError(f"{path} is not an entry of {job.mount_dir}; refusing to clean")
         if job.raw_device:
-            st = os.stat(path)
-            if not stat.S_ISBLK(st.st_mode) or _devno(st.st_rdev) != job.device:
-                raise CleanError(f"{path} is no longer block device {job.device}; refusing")
-            _expect_unused(path)
+            verify_block_device(path, job.device)
             run_block_cleaner(job.command, path, self.timeout, label, self._stop)
             return f"{job.command[0]} succeeded"
         real = os.path.realpath(path)  # an entry may be a link to a mount in the same dir
@@ -504,6 +501,14 @@ class Cleaner:
         report = clean_filesystem(real, st.st_dev, [*job.nested_mounts, *nested],
                                   self._stop, time.monotonic() + self.timeout)
         return report.summary()
+
+
+def verify_block_device(path: str, device: str) -> None:
+    """Right before a wipe: the entry still leads to the recorded device, and nothing uses it."""
+    st = os.stat(path)
+    if not stat.S_ISBLK(st.st_mode) or _devno(st.st_rdev) != device:
+        raise CleanError(f"{path} is no longer block device {device}; refusing")
+    _expect_unused(path)
 
 
 def _expect_unused(device: str) -> None:

@@ -21,7 +21,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from agent.cleaner import Cleaner, CleanJob, CleanOutcome, DirtyStore
+from agent.cleaner import (
+    Cleaner,
+    CleanError,
+    CleanJob,
+    CleanOutcome,
+    DirtyStore,
+    verify_block_device,
+)
 from agent.config import Config, ConfigError, fingerprint, load_config
 from agent.discovery import Discovery, HostSnapshot, HostView, Volume, discover
 from agent.host import HostReader
@@ -434,6 +441,11 @@ class Reconciler:
                         "JOB_CONTAINER_IMAGE); cleaning %s in-process", job.key)
             return False
         device = posixpath.join(cls.mount_dir, posixpath.basename(job.key))
+        try:  # the Job's pod cannot tell a swapped or busy disk: check here, before it starts
+            verify_block_device(job.container_path, job.device)
+        except (CleanError, OSError) as exc:
+            self._clean_failed(CleanOutcome(job, False, 0.0, str(exc)))
+            return True
         manifest = cleanup_job(job.pv_name, job.pv_uid, self.node, cls, device, self.job_image,
                                self.namespace, self.config.job_tolerations)
         try:
