@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -157,5 +158,45 @@ def test_config_edits_are_applied_rejected_or_seen_removed(
             _, metrics = agent.get("/metrics")
             assert 'localpv_agent_config_reloads_total{result="applied"} 2.0' in metrics
             assert 'localpv_agent_config_reloads_total{result="rejected"} 1.0' in metrics
+        finally:
+            assert agent.stop() < 5
+
+
+def test_passes_over_an_unchanged_host_write_nothing(
+    cluster: ControlPlane, agent_kubeconfig: Path, tmp_path: Path
+) -> None:
+    """Level-driven, not edge-driven: a pass every second, and no write after the first."""
+    cluster.add_node("idle-node")
+    mount_dir = tmp_path / "disks"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"storageClassMap": {CLASS: {
+        "hostDir": "/mnt/disks", "mountDir": str(mount_dir)}}}))
+
+    def counters(agent: Agent) -> tuple[float, float]:
+        _, text = agent.get("/metrics")
+        writes = passes = 0.0
+        for line in text.splitlines():
+            if line.startswith("localpv_agent_api_requests_total{") and any(
+                    f'verb="{v}"' in line for v in ("create", "delete", "patch")):
+                writes += float(line.rsplit(" ", 1)[1])
+            if line.startswith("localpv_agent_discovery_pass_duration_seconds_count"):
+                passes = float(line.rsplit(" ", 1)[1])
+        return writes, passes
+
+    with disks(tmp_path) as d:
+        d.tmpfs(mount_dir / "a")
+        d.tmpfs(mount_dir / "b")
+        (mount_dir / "stray.txt").write_text("x")  # an exclusion Event, once
+        agent = Agent("idle-node", config, agent_kubeconfig, tmp_path,
+                      "--resync-period", "1").start()
+        try:
+            agent.wait_ready()
+            wait_for(lambda: len(pvs_of(cluster, "idle-node")) == 2, 20, "two PVs")
+            time.sleep(2)
+            writes, passes = counters(agent)
+            time.sleep(5)
+            writes_after, passes_after = counters(agent)
+            assert passes_after - passes >= 3
+            assert writes_after == writes, agent.log()
         finally:
             assert agent.stop() < 5
