@@ -10,9 +10,11 @@ import argparse
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -128,18 +130,42 @@ def run(args: argparse.Namespace, config: Config) -> int:
         if args.port_file:
             Path(args.port_file).write_text(f"{server.port}\n")
 
-    def on_signal(signum: int, _frame: object) -> None:
+    loop = threading.Thread(target=reconciler.run, name="reconcile")
+    loop.start()
+    signum = _wait_for_stop_signal(loop)
+    if signum is not None:
         log.info("received %s, stopping", signal.Signals(signum).name)
-        reconciler.shutdown()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    reconciler.run()
+    reconciler.shutdown()
+    loop.join()
     reconciler.cleaner.shutdown()
     if server is not None:
         server.stop()
     log.info("stopped")
     return EXIT_OK
+
+
+def _wait_for_stop_signal(loop: threading.Thread) -> int | None:
+    """Block until SIGTERM or SIGINT (or the loop ends); return the signal.
+
+    The handlers do nothing but let Python write the signal number to a pipe: taking any lock
+    in a signal handler (as setting a threading.Event does) can deadlock the thread it
+    interrupted. The main thread reads the pipe and stops the loop in plain code.
+    """
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
+    try:
+        while loop.is_alive():
+            ready, _, _ = select.select([read_end], [], [], 1.0)
+            if ready:
+                return os.read(read_end, 1)[0]
+        return None
+    finally:
+        signal.set_wakeup_fd(-1)
+        os.close(read_end)
+        os.close(write_end)
 
 
 def _start_sources(reconciler: Reconciler, args: argparse.Namespace) -> None:

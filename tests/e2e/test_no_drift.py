@@ -89,7 +89,7 @@ def test_each_agent_creates_exactly_its_nodes_pvs(
             _, node_obj = cluster.api("GET", f"/api/v1/nodes/{node}")
             assert pv["metadata"]["annotations"]["pv.kubernetes.io/provisioned-by"] == \
                 f"local-volume-provisioner-{node}-{node_obj['metadata']['uid']}"
-    assert len(items(cluster, "/api/v1/persistentvolumes")) == 6
+    assert sum(len(pvs_of(cluster, n)) for n in NODES) == 6
 
 
 def test_excluded_entry_is_one_event_and_deleted_pv_comes_back(

@@ -63,3 +63,24 @@ def test_api_outage_is_survived_and_new_disks_land_after_it(
             assert "retrying in" in agent.log()
         finally:
             assert agent.stop() < 5
+
+
+def test_sigterm_stops_promptly_whatever_the_loop_is_doing(
+    cluster: ControlPlane, agent_kubeconfig: Path, tmp_path: Path
+) -> None:
+    """Signals arrive at random points of the loop (mid-pass, mid-wait); none may hang it."""
+    cluster.add_node("sigterm-node")
+    with disks(tmp_path) as d:
+        d.tmpfs(tmp_path / "disks" / "v")
+        config = tmp_path / "config.yaml"
+        config.write_text(yaml.safe_dump({"storageClassMap": {"local-storage": {
+            "hostDir": "/mnt/disks", "mountDir": str(tmp_path / "disks")}}}))
+        for round_no in range(6):
+            agent = Agent("sigterm-node", config, agent_kubeconfig, tmp_path,
+                          "--resync-period", "0.05").start()  # a pass every 50 ms
+            agent.wait_ready()
+            time.sleep(0.1 * round_no)
+            took = agent.stop()
+            assert took < 5, f"round {round_no}: SIGTERM took {took:.1f}s\n{agent.log()}"
+            assert agent.proc is not None and agent.proc.returncode == 0
+            assert "stopped" in agent.log().splitlines()[-1]
