@@ -16,7 +16,7 @@ import yaml
 from agent.volumes import pv_name
 from tests.conftest import require
 from tests.disks import disks, sh
-from tests.e2e.agents import Agent, events_for, pvs_of, wait_for
+from tests.e2e.agents import Agent, class_config, events_for, pvs_of, wait_for
 from tests.harness import prometheus
 from tests.harness.controlplane import ControlPlane
 
@@ -36,9 +36,7 @@ def test_prometheus_sees_what_the_node_really_offers(
 ) -> None:
     cluster.add_node("obs-node")
     mount_dir = tmp_path / "disks"
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"storageClassMap": {CLASS: {
-        "hostDir": "/mnt/disks", "mountDir": str(mount_dir)}}}))
+    config = class_config(tmp_path / "config.yaml", mount_dir)
     with disks(tmp_path) as d:
         d.tmpfs(mount_dir / "a", size_mib=16)
         d.tmpfs(mount_dir / "b", size_mib=32)
@@ -168,9 +166,7 @@ def test_passes_over_an_unchanged_host_write_nothing(
     """Level-driven, not edge-driven: a pass every second, and no write after the first."""
     cluster.add_node("idle-node")
     mount_dir = tmp_path / "disks"
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"storageClassMap": {CLASS: {
-        "hostDir": "/mnt/disks", "mountDir": str(mount_dir)}}}))
+    config = class_config(tmp_path / "config.yaml", mount_dir)
 
     def counters(agent: Agent) -> tuple[float, float]:
         _, text = agent.get("/metrics")

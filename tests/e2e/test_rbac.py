@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.disks import disks
-from tests.e2e.agents import REPO
+from tests.e2e.agents import REPO, class_config
 from tests.harness.controlplane import ControlPlane
 
 # Kubernetes manifests; config/monitoring holds a PrometheusRule, whose CRD (the Prometheus
@@ -40,9 +39,7 @@ def test_server_side_dry_run_accepts_scan_output(
     with disks(tmp_path) as d:
         d.tmpfs(tmp_path / "disks" / "vol-1")
         d.tmpfs(tmp_path / "disks" / "vol 2")
-        config = tmp_path / "config.yaml"
-        config.write_text(yaml.safe_dump({"storageClassMap": {"local-storage": {
-            "hostDir": "/mnt/disks", "mountDir": str(tmp_path / "disks")}}}))
+        config = class_config(tmp_path / "config.yaml", tmp_path / "disks")
         scan = subprocess.run(
             [sys.executable, "-m", "agent.cli", "scan", "--config", str(config),
              "--node-name", "node-1", "-o", "yaml"],

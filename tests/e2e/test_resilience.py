@@ -12,7 +12,7 @@ import yaml
 
 from agent.volumes import pv_name
 from tests.disks import disks
-from tests.e2e.agents import Agent, pvs_of, wait_for
+from tests.e2e.agents import Agent, class_config, pvs_of, wait_for
 from tests.e2e.proxy import Proxy
 from tests.harness.controlplane import ControlPlane
 
@@ -35,9 +35,7 @@ def test_api_outage_is_survived_and_new_disks_land_after_it(
     cluster.add_node("node-outage")
     with disks(tmp_path) as d:
         d.tmpfs(tmp_path / "disks" / "before")
-        config = tmp_path / "config.yaml"
-        config.write_text(yaml.safe_dump({"storageClassMap": {"local-storage": {
-            "hostDir": "/mnt/disks", "mountDir": str(tmp_path / "disks")}}}))
+        config = class_config(tmp_path / "config.yaml", tmp_path / "disks")
         agent = Agent("node-outage", config, through_proxy, tmp_path,
                       "--resync-period", "1").start()
         try:
@@ -72,9 +70,7 @@ def test_sigterm_stops_promptly_whatever_the_loop_is_doing(
     cluster.add_node("sigterm-node")
     with disks(tmp_path) as d:
         d.tmpfs(tmp_path / "disks" / "v")
-        config = tmp_path / "config.yaml"
-        config.write_text(yaml.safe_dump({"storageClassMap": {"local-storage": {
-            "hostDir": "/mnt/disks", "mountDir": str(tmp_path / "disks")}}}))
+        config = class_config(tmp_path / "config.yaml", tmp_path / "disks")
         for round_no in range(6):
             agent = Agent("sigterm-node", config, agent_kubeconfig, tmp_path,
                           "--resync-period", "0.05").start()  # a pass every 50 ms
