@@ -179,6 +179,11 @@ def test_passes_over_an_unchanged_host_write_nothing(
                 passes = float(line.rsplit(" ", 1)[1])
         return writes, passes
 
+    def no_write_for_a_second(agent: Agent) -> bool:
+        before = counters(agent)[0]
+        time.sleep(1)
+        return counters(agent)[0] == before
+
     with disks(tmp_path) as d:
         d.tmpfs(mount_dir / "a")
         d.tmpfs(mount_dir / "b")
@@ -188,7 +193,11 @@ def test_passes_over_an_unchanged_host_write_nothing(
         try:
             agent.wait_ready()
             wait_for(lambda: len(pvs_of(cluster, "idle-node")) == 2, 20, "two PVs")
-            time.sleep(2)
+            wait_for(lambda: any(e["reason"] == "VolumeExcluded"
+                                 for e in events_for(cluster, "Node", "idle-node")),
+                     20, "the exclusion's Event")
+            wait_for(lambda: no_write_for_a_second(agent), 30, "the agent settling",
+                     on_timeout=agent.log)
             writes, passes = counters(agent)
             time.sleep(5)
             writes_after, passes_after = counters(agent)

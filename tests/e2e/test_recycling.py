@@ -105,6 +105,12 @@ def bind(node: Node, pv: dict[str, Any], suffix: str) -> str:
     return claim
 
 
+def remembered_dirty(node: Node, entry: str) -> None:
+    """Wait until the agent has seen the claim and recorded the volume as holding data."""
+    wait_for(lambda: f"volume /mnt/disks/{entry} holds data of PV" in node.log(), 20,
+             f"{entry} remembered as dirty", on_timeout=node.log)
+
+
 def release(node: Node, claim: str) -> None:
     status, _ = node.cluster.api(
         "DELETE", f"/api/v1/namespaces/default/persistentvolumeclaims/{claim}")
@@ -237,9 +243,9 @@ def test_killed_mid_clean_resumes_and_never_offers_dirty(node: Node, tmp_path: P
     release(node, claim)
     wait_for(lambda: "slow: waiting" in agent.log(), 30, "the slow cleaner started")
     agent.kill()  # SIGKILL: no chance to tidy up
-    time.sleep(1)
-    assert subprocess.run(["pgrep", "-f", str(slow)], capture_output=True,
-                          check=False).returncode != 0  # the cleaner died with the agent
+    wait_for(lambda: subprocess.run(["pgrep", "-f", str(slow)], capture_output=True,
+                                    check=False).returncode != 0,
+             10, "the cleaner dying with the agent")
     current = node.pv("slow", BLOCK)
     assert current is not None and current["status"]["phase"] == "Released"
     assert json.loads(current["metadata"]["annotations"]["localpv-agent.io/cleaning"])[
@@ -257,7 +263,7 @@ def test_dirty_pv_deleted_by_hand_is_cleaned_before_it_is_offered(node: Node) ->
     pv = wait_for(lambda: node.pv("handled"), 20, "PV for handled")
     claim = bind(node, pv, "hand")
     (mount / "data.bin").write_bytes(b"tenant")
-    time.sleep(1)  # the agent sees the claim and remembers the volume as dirty
+    remembered_dirty(node, "handled")
     agent.stop()
     release(node, claim)
     wait_for(lambda: (node.pv("handled") or {}).get("status", {}).get("phase") == "Released",
@@ -367,7 +373,7 @@ def test_bound_pv_whose_labels_were_edited_is_never_cleaned(node: Node) -> None:
     pv = wait_for(lambda: node.pv("relabelled"), 20, "PV for relabelled")
     bind(node, pv, "relabel")
     (mount / "in-use.db").write_text("live data")
-    time.sleep(1)  # seen Bound: the volume is now remembered as dirty
+    remembered_dirty(node, "relabelled")
     node.cluster.kubectl("label", "pv", pv["metadata"]["name"], "app.kubernetes.io/managed-by-")
     wait_for(lambda: "still exists for it" in node.log(), 20,
              "the agent checking the API before cleaning", on_timeout=node.log)
