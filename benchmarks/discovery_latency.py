@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from agent.volumes import pv_name  # noqa: E402
-from tests.disks import Disks, sh  # noqa: E402
+from tests.disks import Disks  # noqa: E402
 from tests.e2e.agents import (  # noqa: E402
     Agent,
     build_binaries,
@@ -135,7 +135,7 @@ def latency_trials(mode: str, trials: int, cluster: ControlPlane, pvw: PVWatch,
             target.mkdir()
             # Disks appear at random moments, not in step with a poll timer.
             time.sleep(random.uniform(0, POLL_PERIOD if mode == "poll" else 0.5))
-            sh("mount", device, str(target))
+            disks.mount(device, target)  # recorded, so that cleanup() unmounts it
             mounted = time.monotonic()
             seen = pvw.wait_added(pv_name(f"disk-{i}", node, CLASS), timeout=60)
             results.append(seen - mounted)
