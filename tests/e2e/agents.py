@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from tests.harness import process
 from tests.harness.controlplane import ControlPlane
 
 REPO = Path(__file__).resolve().parents[2]
@@ -134,12 +134,7 @@ class Agent:
         """SIGTERM, and how long the agent took to exit."""
         assert self.proc is not None
         started = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        process.stop(self.proc, timeout=15)
         return time.monotonic() - started
 
     def kill(self) -> None:

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from tests.harness import process
+
 
 def binary() -> str | None:
     return shutil.which("prometheus")
@@ -77,10 +79,5 @@ class Prometheus:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            process.stop(self.proc)
             self.proc = None
