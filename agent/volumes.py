@@ -13,13 +13,13 @@ from typing import Any
 
 from agent.config import ClassConfig, Config
 from agent.discovery import Volume
+from agent.identity import IDENTITY_KEYS
 
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 PROVISIONED_BY = "pv.kubernetes.io/provisioned-by"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "localpv-agent"
 ANNOTATION_PREFIX = "localpv-agent.io/"
-IDENTITY_KEYS = ("fs-uuid", "wwn", "serial", "device-id")
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 _SUFFIXES = (("Ei", 1 << 60), ("Pi", 1 << 50), ("Ti", 1 << 40), ("Gi", GiB), ("Mi", MiB),
