@@ -12,7 +12,9 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
+import posixpath
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,7 @@ CLASS_KEYS = (
     "fsType",
     "namePattern",
     "selector",
+    "allowSystemDir",
 )
 TOP_KEYS = (
     "storageClassMap",
@@ -50,6 +53,20 @@ TOP_KEYS = (
     "provisionerNotReadyNodeTaintKey",
     "useAlphaAPI",
 )
+
+# Directories whose entries are never disks to hand out: offering them as PVs and cleaning a
+# released one would delete system files (`hostDir: /` offers /dev; `/dev` with Block offers
+# every loop device). A directory equal to or under one of these is refused...
+SYSTEM_DIR_TREES = (
+    "/proc", "/sys", "/dev", "/etc", "/boot", "/usr", "/bin", "/sbin", "/lib", "/lib32",
+    "/lib64", "/libx32", "/run", "/var/run", "/snap", "/var/lib/kubelet",
+)
+# ...and these only themselves: their first-level entries are often mount points holding
+# someone's data (/var/lib/containerd, /var/log, automounted homes), while directories under
+# them (/var/lib/localpv, /home/ops/disks) are fine discovery directories.
+SYSTEM_DIR_EXACT = ("/", "/var", "/var/lib", "/home", "/root")
+PATH_MAX_BYTES = 4095  # Linux PATH_MAX, 4096 with the terminating NUL
+NAME_MAX_BYTES = 255
 
 _YAML11_TRUE = {"y", "yes", "true", "on"}
 _YAML11_FALSE = {"n", "no", "false", "off"}
@@ -84,6 +101,7 @@ class ClassConfig:
     name_patterns: tuple[str, ...] = ("*",)
     block_cleaner_command: tuple[str, ...] = DEFAULT_BLOCK_CLEANER
     selector: tuple[Mapping[str, Any], ...] = ()
+    allow_system_dir: bool = False
 
     def matches(self, entry_name: str) -> bool:
         """Whether an entry of `mount_dir` belongs to this class (`namePattern` globs)."""
@@ -197,12 +215,16 @@ def _parse_class(name: str, body: Any) -> tuple[ClassConfig, list[str]]:
     _expect(isinstance(body, Mapping), where, _short(body), "must be a mapping")
     warnings = [f"{where}.{k}: unknown key, ignored" for k in body if k not in CLASS_KEYS]
 
+    allow_system = _bool(body.get("allowSystemDir"), f"{where}.allowSystemDir")
     host_dir = body.get("hostDir")
-    _expect(isinstance(host_dir, str) and host_dir.startswith("/"), f"{where}.hostDir",
-            host_dir, "required, an absolute path on the host")
+    _expect(isinstance(host_dir, str) and bool(host_dir), f"{where}.hostDir", host_dir,
+            "required, an absolute path on the host")
+    host_dir = _check_dir(host_dir, f"{where}.hostDir", "on the host", allow_system)
     mount_dir = body.get("mountDir") or host_dir
-    _expect(isinstance(mount_dir, str) and mount_dir.startswith("/"), f"{where}.mountDir",
-            mount_dir, "must be an absolute path in the agent's container")
+    _expect(isinstance(mount_dir, str), f"{where}.mountDir", _short(mount_dir),
+            "must be an absolute path in the agent's container")
+    mount_dir = _check_dir(mount_dir, f"{where}.mountDir", "in the agent's container",
+                           allow_system)
 
     volume_mode = body.get("volumeMode") or "Filesystem"
     _expect(volume_mode in VOLUME_MODES, f"{where}.volumeMode", volume_mode,
@@ -239,14 +261,15 @@ def _parse_class(name: str, body: Any) -> tuple[ClassConfig, list[str]]:
 
     normalized = ClassConfig(
         name=name,
-        host_dir=_normalize_dir(host_dir),
-        mount_dir=_normalize_dir(mount_dir),
+        host_dir=host_dir,
+        mount_dir=mount_dir,
         volume_mode=volume_mode,
         access_mode=access_mode,
         fs_type=fs_type,
         name_patterns=patterns,
         block_cleaner_command=cleaner_cmd,
         selector=tuple(selector),
+        allow_system_dir=allow_system,
     )
     return normalized, warnings
 
@@ -358,8 +381,39 @@ def _check_label_key(key: str, where: str) -> None:
     _expect(ok, where, key, "not a valid label key")
 
 
-def _normalize_dir(path: str) -> str:
-    return os.path.normpath(path)
+def _check_dir(path: str, where: str, place: str, allow_system: bool) -> str:
+    """A discovery directory: absolute, normalised, printable, and no system directory.
+
+    Returns the path without a trailing slash. A trailing slash is the one non-normal form
+    accepted, because it is common in ConfigMaps and harmless: the upstream joins entry names
+    with Go's filepath.Join, which drops it too, so PV paths (and names) stay the same.
+    """
+    bad = next((i for i, ch in enumerate(path) if unicodedata.category(ch) == "Cc"), None)
+    _expect(bad is None, where, path,
+            f"holds a control character (NUL, newline, ...) at index {bad}")
+    _expect(path.startswith("/"), where, path, f"must be an absolute path {place}")
+    _expect(len(path.encode()) <= PATH_MAX_BYTES, where, path,
+            f"longer than {PATH_MAX_BYTES} bytes (PATH_MAX)")
+    normal = "/" + posixpath.normpath(path).lstrip("/")  # normpath keeps a leading "//"
+    _expect(path in (normal, normal + "/"), where, path,
+            f"not a normalised path ('.', '..' or '//' in it): its normalised form is "
+            f"{normal!r}; write that if you mean it")
+    long_name = next((n for n in normal.split("/") if len(n.encode()) > NAME_MAX_BYTES), None)
+    _expect(long_name is None, where, path,
+            f"a path component is longer than {NAME_MAX_BYTES} bytes (NAME_MAX)")
+    system = _system_dir(normal)
+    _expect(allow_system or system is None, where, path,
+            f"{'is' if system == normal else 'is under'} the system directory {system}: its "
+            "entries are not disks to hand out, and cleaning a released one would delete "
+            "system files (set allowSystemDir: true on the class to override)")
+    return normal
+
+
+def _system_dir(path: str) -> str | None:
+    """The system directory `path` is or is under, if any."""
+    if path in SYSTEM_DIR_EXACT:
+        return path
+    return next((d for d in SYSTEM_DIR_TREES if path == d or path.startswith(d + "/")), None)
 
 
 def _short(value: object) -> object:

@@ -166,3 +166,70 @@ def test_daemonset_configmap_loads_as_mounted(tmp_path: Path) -> None:
     config = load_config(tmp_path)
     assert [c.name for c in config.classes] == ["local-storage"]
     assert config.classes[0].mount_dir == "/mnt/disks" and config.warnings == ()
+
+
+def one_class(**body: object) -> dict[str, object]:
+    return {"storageClassMap": {"sc1": body}}
+
+
+@pytest.mark.parametrize(("body", "key", "words"), [
+    ({"hostDir": "/mnt/disks\x00x"}, "hostDir", "control character"),
+    ({"hostDir": "/mnt/disks\nx"}, "hostDir", "control character"),
+    ({"hostDir": "/mnt/\x7fdisks"}, "hostDir", "control character"),
+    ({"hostDir": "/mnt/disks", "mountDir": "/host/disks\x00"}, "mountDir", "control character"),
+    ({"hostDir": "mnt/disks"}, "hostDir", "absolute path on the host"),
+    ({"hostDir": "/mnt/disks", "mountDir": "host/disks"}, "mountDir", "absolute path in the"),
+    ({"hostDir": "/tmp/x/../../../etc"}, "hostDir", "normalised form is '/etc'"),
+    ({"hostDir": "/mnt/disks/.."}, "hostDir", "normalised form is '/mnt'"),
+    ({"hostDir": "/mnt/./disks"}, "hostDir", "normalised form is '/mnt/disks'"),
+    ({"hostDir": "/mnt//disks"}, "hostDir", "normalised form is '/mnt/disks'"),
+    ({"hostDir": "//mnt/disks"}, "hostDir", "normalised form is '/mnt/disks'"),
+    ({"hostDir": "/mnt/disks//"}, "hostDir", "normalised form is '/mnt/disks'"),
+    ({"hostDir": "/mnt/disks", "mountDir": "/host/../disks"}, "mountDir", "normalised form"),
+    ({"hostDir": "/" + "d/" * 2048}, "hostDir", "PATH_MAX"),
+    ({"hostDir": "/mnt/" + "d" * 256}, "hostDir", "NAME_MAX"),
+    ({"hostDir": "/"}, "hostDir", "is the system directory /:"),
+    ({"hostDir": "/dev"}, "hostDir", "is the system directory /dev:"),
+    ({"hostDir": "/dev/", "volumeMode": "Block"}, "hostDir", "system directory /dev:"),
+    ({"hostDir": "/dev/disk/by-id"}, "hostDir", "is under the system directory /dev:"),
+    ({"hostDir": "/etc"}, "hostDir", "system directory /etc"),
+    ({"hostDir": "/proc/1/root"}, "hostDir", "system directory /proc"),
+    ({"hostDir": "/sys/block"}, "hostDir", "system directory /sys"),
+    ({"hostDir": "/usr/local/disks"}, "hostDir", "system directory /usr"),
+    ({"hostDir": "/run/disks"}, "hostDir", "system directory /run"),
+    ({"hostDir": "/var/run"}, "hostDir", "system directory /var/run"),
+    ({"hostDir": "/lib64"}, "hostDir", "system directory /lib64"),
+    ({"hostDir": "/boot"}, "hostDir", "system directory /boot"),
+    ({"hostDir": "/var/lib"}, "hostDir", "system directory /var/lib:"),
+    ({"hostDir": "/var/lib/kubelet/pods"}, "hostDir", "system directory /var/lib/kubelet"),
+    ({"hostDir": "/home"}, "hostDir", "system directory /home"),
+    ({"hostDir": "/mnt/disks", "mountDir": "/dev"}, "mountDir", "system directory /dev"),
+    ({"hostDir": "/dev", "allowSystemDir": "maybe"}, "allowSystemDir", "boolean"),
+    ({"hostDir": 7}, "hostDir", "required"),
+    ({"hostDir": ""}, "hostDir", "required"),
+])
+def test_discovery_dir_errors(body: dict[str, object], key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(one_class(**body))
+    assert caught.value.key_path == f"storageClassMap.sc1.{key}"
+    assert words in str(caught.value) and "got " in str(caught.value)
+    assert caught.value.value == body[key]
+
+
+@pytest.mark.parametrize(("host_dir", "expected"), [
+    ("/mnt/disks", "/mnt/disks"), ("/mnt/disks/", "/mnt/disks"), ("/mnt", "/mnt"),
+    ("/var/lib/localpv", "/var/lib/localpv"), ("/var/localpv", "/var/localpv"),
+    ("/home/ops/disks", "/home/ops/disks"), ("/tmp/pytest/disks", "/tmp/pytest/disks"),
+    ("/devices", "/devices"), ("/etcd-disks", "/etcd-disks"), ("/srv/disks", "/srv/disks"),
+])
+def test_ordinary_discovery_dirs_accepted(host_dir: str, expected: str) -> None:
+    (cls,) = parse_config(one_class(hostDir=host_dir)).classes
+    assert cls.host_dir == cls.mount_dir == expected
+    assert not cls.allow_system_dir
+
+
+@pytest.mark.parametrize("host_dir", ["/dev/disk/by-id", "/", "/var/lib", "/run/disks"])
+def test_allow_system_dir_overrides(host_dir: str) -> None:
+    config = parse_config(one_class(hostDir=host_dir, allowSystemDir=True))
+    assert config.classes[0].host_dir == host_dir and config.classes[0].allow_system_dir
+    assert config.warnings == ()
