@@ -121,11 +121,16 @@ def run(args: argparse.Namespace, config: Config) -> int:
     _start_sources(reconciler, args)
     server = None
     if args.listen_address:
-        server = HealthServer(
-            args.listen_address, metrics,
-            healthy=stalled_after(max(60.0, 3 * 5.0), lambda: reconciler.state.heartbeat),
-            ready=lambda: reconciler.state.first_sync_done and kube.reachable,
-        )
+        try:
+            server = HealthServer(
+                args.listen_address, metrics,
+                healthy=stalled_after(max(60.0, 3 * 5.0), lambda: reconciler.state.heartbeat),
+                ready=lambda: reconciler.state.first_sync_done and kube.reachable,
+            )
+        except (ValueError, OSError) as exc:  # a malformed address, or one taken or unknown
+            print(f"localpv-agent: --listen-address: {exc}", file=sys.stderr)
+            reconciler.shutdown()  # the sources started above
+            return EXIT_CONFIG
         server.start()
         if args.port_file:
             Path(args.port_file).write_text(f"{server.port}\n")
