@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from agent.config import ClassConfig, Config
+from agent.identity import identifiable
 
 
 class FileType(StrEnum):
@@ -40,6 +41,10 @@ class Reason(StrEnum):
     TIMEOUT = "timeout"
     ZERO_CAPACITY = "zero_capacity"
     INVALID_NAME = "invalid_name"
+    SYSTEM_FILESYSTEM = "system_filesystem"
+    PARTITIONED = "partitioned"
+    HAS_SIGNATURE = "has_signature"
+    NO_IDENTITY = "no_identity"
 
 
 # Mount points whose devices belong to the host itself. In a pod the kubelet bind-mounts
@@ -48,6 +53,16 @@ SYSTEM_MOUNT_POINTS = (
     "/", "/boot", "/boot/efi", "/usr", "/var", "/var/lib/kubelet", "/etc/hosts",
     "/etc/hostname", "/etc/resolv.conf", "/dev/termination-log",
 )
+
+
+# Filesystems of the kernel and the system, never a disk: a mount of one in a discovery directory
+# is a mistake (or a bind of the host's own /dev, /proc, ...). tmpfs is not among them: it is a
+# legitimate (if volatile) volume. An overlay is one only when it is the root's (a container's).
+SYSTEM_FILESYSTEMS = frozenset({
+    "devtmpfs", "proc", "sysfs", "cgroup", "cgroup2", "devpts", "securityfs", "debugfs",
+    "tracefs", "configfs", "bpf", "pstore", "mqueue", "hugetlbfs", "fusectl", "autofs",
+    "binfmt_misc", "nsfs", "efivarfs", "rpc_pipefs",
+})
 
 
 @dataclass(frozen=True)
@@ -77,6 +92,10 @@ class EntryFacts:
     identity: Mapping[str, str] = field(default_factory=dict)
     partitions: tuple[str, ...] = ()  # block devices: "major:minor" of its partitions
     holders: tuple[str, ...] = ()  # block devices: kernel names of devices stacked on it
+    # block devices, as read from the device itself: what it holds (blkid TYPEs: "ext4",
+    # "LVM2_member", "crypto_LUKS", ...) and its partition table ("gpt", "dos"), if any
+    signatures: tuple[str, ...] = ()
+    partition_table: str | None = None
     error: str | None = None
     timed_out: bool = False
 
@@ -141,7 +160,8 @@ class HostView:
 
     Conservative: only an entry missing from a directory that was read, or one that became a
     plain directory or a dangling link, is GONE. Anything uncertain is UNKNOWN, and nothing is
-    ever withdrawn on UNKNOWN.
+    ever withdrawn on UNKNOWN: a hung disk (`timeout`), an unreadable one, a directory that did
+    not answer, a device that cannot be identified.
     """
 
     def __init__(self, config: Config, host: HostSnapshot, found: Discovery) -> None:
@@ -170,14 +190,22 @@ class HostView:
 
 
 def discover(
-    config: Config, host: HostSnapshot, keep: frozenset[str] = frozenset()
+    config: Config,
+    host: HostSnapshot,
+    keep: frozenset[str] = frozenset(),
+    dirty: frozenset[str] = frozenset(),
 ) -> Discovery:
     """Classify every entry of every class, then enforce one disk → one PV across all classes.
 
-    When two entries reach one disk, an entry whose host path already has a PV (`keep`) wins,
-    then the first in (class, entry name) order: the same host gives the same answer on every
-    pass and restart, and a new alias never takes a disk away from its PV.
+    `keep` are the host paths that already have a PV, `dirty` those that hold a former
+    tenant's data (cleaned before they are offered again): together, the established volumes.
+    When two entries reach one disk, an established one wins, then the first in (class, entry
+    name) order: the same host gives the same answer on every pass and restart, and a new alias
+    never takes a disk away from its PV. The rules about what a device holds (a partition
+    table, a filesystem in a Block class) are about new offers only: a tenant may write those
+    on its volume, and it must stay a volume so it is recycled.
     """
+    established = keep | dirty
     mounts = host.mounts
     mount_dirs = [host.real_dirs.get(c.name, c.mount_dir) for c in config.classes]
     mounts_at = {m.mount_point: m for m in mounts}  # the last mount on a path is the visible one
@@ -190,13 +218,14 @@ def discover(
 
     ordered = sorted(
         ((cls, facts) for cls in config.classes for facts in host.entries.get(cls.name, ())),
-        key=lambda cf: (host_path(cf[0], cf[1].name) not in keep, cf[0].name, cf[1].name),
+        key=lambda cf: (host_path(cf[0], cf[1].name) not in established, cf[0].name,
+                        cf[1].name),
     )
     for cls, facts in ordered:
         if not cls.matches(facts.name):
             continue
         outcome = _classify(cls, facts, mounts_at, mounts, system_devices, mount_dirs,
-                            host.mount_sources)
+                            host.mount_sources, host_path(cls, facts.name) in established)
         if isinstance(outcome, Exclusion):
             exclusions.append(outcome)
             continue
@@ -220,6 +249,7 @@ def _classify(
     system_devices: Mapping[str, str],
     mount_dirs: Sequence[str],
     mount_sources: Mapping[str, str],
+    established: bool,
 ) -> Exclusion | tuple[Volume, str]:
     if _has_undecodable_bytes(facts.name):
         return _exclude(cls, facts, Reason.INVALID_NAME,
@@ -236,7 +266,8 @@ def _classify(
                         "neither a directory (mount point) nor a block device")
     if facts.file_type is FileType.DIRECTORY:
         return _classify_directory(cls, facts, mounts_at, system_devices, mount_dirs)
-    return _classify_block(cls, facts, mounts, system_devices, mount_dirs, mount_sources)
+    return _classify_block(cls, facts, mounts, system_devices, mount_dirs, mount_sources,
+                           established)
 
 
 def _classify_directory(
@@ -259,6 +290,9 @@ def _classify_directory(
         hint = (" (created by mkfs: is the discovery directory itself a mounted disk?)"
                 if facts.name == "lost+found" else "; mount a disk here to offer it")
         return _exclude(cls, facts, Reason.NOT_MOUNT_POINT, f"a plain directory{hint}")
+    if _is_system_filesystem(mount, mounts_at):
+        return _exclude(cls, facts, Reason.SYSTEM_FILESYSTEM,
+                        f"a {mount.fs_type} mount is a filesystem of the system, not a disk")
     if mount.device in system_devices:
         return _exclude(cls, facts, Reason.SYSTEM_DEVICE,
                         f"filesystem {mount.device} backs the host's "
@@ -286,6 +320,7 @@ def _classify_block(
     system_devices: Mapping[str, str],
     mount_dirs: Sequence[str],
     mount_sources: Mapping[str, str],
+    established: bool,
 ) -> Exclusion | tuple[Volume, str]:
     device = facts.device or "?"
     family = {device, *facts.partitions}
@@ -312,6 +347,20 @@ def _classify_block(
                         "the device has a partition table; offer a partition instead")
     if not facts.capacity_bytes:
         return _exclude(cls, facts, Reason.ZERO_CAPACITY, "the device reports no size")
+    if not established and facts.partition_table:
+        return _exclude(cls, facts, Reason.PARTITIONED,
+                        f"the device starts with a {facts.partition_table} partition table "
+                        "(read from the device: the kernel may not have parsed it); offer a "
+                        "partition instead")
+    if not established and facts.signatures and cls.volume_mode == "Block":
+        return _exclude(cls, facts, Reason.HAS_SIGNATURE,
+                        f"the device holds {', '.join(facts.signatures)}; a Block volume is "
+                        "offered only when empty (wipe it if its data is not needed, or use a "
+                        "Filesystem class)")
+    if not identifiable(facts.identity, raw_device=True):
+        return _exclude(cls, facts, Reason.NO_IDENTITY,
+                        "nothing identifies the device (no WWN, serial, by-id name or loop "
+                        "backing file): a different disk here could not be told apart")
     volume = Volume(
         class_name=cls.name,
         entry_name=facts.name,
@@ -324,6 +373,14 @@ def _classify_block(
         identity=dict(facts.identity),
     )
     return volume, "/"
+
+
+def _is_system_filesystem(mount: Mount, mounts_at: Mapping[str, Mount]) -> bool:
+    if mount.fs_type in SYSTEM_FILESYSTEMS:
+        return True
+    root = mounts_at.get("/")
+    return (mount.fs_type == "overlay" and root is not None and root.fs_type == "overlay"
+            and root.device == mount.device)
 
 
 def _overlapping_claim(

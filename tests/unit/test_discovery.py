@@ -11,8 +11,10 @@ from agent.discovery import (
     EntryFacts,
     FileType,
     HostSnapshot,
+    HostView,
     Mount,
     Reason,
+    VolumeState,
     discover,
     parse_mountinfo,
     unescape_mount_path,
@@ -35,6 +37,7 @@ def directory(name: str, cls: str = "fs", **kw: object) -> EntryFacts:
 
 
 def block(name: str, device: str, cls: str = "raw", **kw: object) -> EntryFacts:
+    kw.setdefault("identity", {"serial": f"serial-{name}"})
     return EntryFacts(name, f"/d/{cls}/{name}", FileType.BLOCK, device=device,  # type: ignore[arg-type]
                       capacity_bytes=1 << 30, **kw)
 
@@ -203,3 +206,97 @@ def test_block_device_mounted_under_an_anonymous_device_number_is_in_use() -> No
     assert found.volumes == ()
     assert found.exclusions[0].reason is Reason.DEVICE_IN_USE
     assert "mounted at /srv" in found.exclusions[0].detail
+
+
+@pytest.mark.parametrize("fs_type", ["devtmpfs", "proc", "sysfs", "cgroup2", "debugfs",
+                                     "hugetlbfs", "autofs", "efivarfs", "rpc_pipefs"])
+def test_system_filesystems_are_never_volumes(fs_type: str) -> None:
+    volumes, excluded = run({"fs": [directory("sys", device="0:60", capacity_bytes=1 << 30)]},
+                            [Mount(10, 1, "0:60", "/", "/d/fs/sys", fs_type, "none")])
+    assert volumes == []
+    assert excluded["fs/sys"][0] is Reason.SYSTEM_FILESYSTEM
+    assert fs_type in excluded["fs/sys"][1]
+
+
+def test_tmpfs_and_a_foreign_overlay_are_volumes_the_roots_overlay_is_not() -> None:
+    root = Mount(1, 0, "0:30", "/", "/", "overlay", "overlay")
+    found = discover(CONFIG, HostSnapshot(
+        {"fs": [directory(n, capacity_bytes=1 << 30) for n in ("tmp", "other", "rootfs")]},
+        [root, Mount(10, 1, "0:61", "/", "/d/fs/tmp", "tmpfs", "tmpfs"),
+         Mount(11, 1, "0:62", "/", "/d/fs/other", "overlay", "overlay"),
+         Mount(12, 1, "0:30", "/", "/d/fs/rootfs", "overlay", "overlay")]))
+    assert [v.entry_name for v in found.volumes] == ["other", "tmp"]
+    assert [(e.entry_name, e.reason) for e in found.exclusions] == [
+        ("rootfs", Reason.SYSTEM_FILESYSTEM)]
+
+
+SIGNED = {
+    "gpt": block("gpt", "7:20", partition_table="gpt"),
+    "mbr": block("mbr", "7:21", partition_table="dos"),
+    "ext4": block("ext4", "7:22", signatures=("ext4",)),
+    "lvm": block("lvm", "7:23", signatures=("LVM2_member",)),
+    "luks": block("luks", "7:24", signatures=("crypto_LUKS",)),
+    "empty": block("empty", "7:25"),
+}
+
+
+def test_new_raw_devices_must_not_be_partitioned_nor_hold_anything_in_a_block_class() -> None:
+    volumes, excluded = run({"raw": list(SIGNED.values())})
+    assert volumes == ["raw/empty"]
+    assert {k: r for k, (r, _) in excluded.items()} == {
+        "raw/gpt": Reason.PARTITIONED, "raw/mbr": Reason.PARTITIONED,
+        "raw/ext4": Reason.HAS_SIGNATURE, "raw/lvm": Reason.HAS_SIGNATURE,
+        "raw/luks": Reason.HAS_SIGNATURE,
+    }
+    assert "gpt partition table" in excluded["raw/gpt"][1]
+    assert "LVM2_member" in excluded["raw/lvm"][1]
+
+
+def test_a_filesystem_class_offers_a_formatted_device_never_a_partitioned_one() -> None:
+    volumes, excluded = run({"fs": [block("ext4", "7:22", cls="fs", signatures=("ext4",)),
+                                    block("gpt", "7:20", cls="fs", partition_table="gpt")]})
+    assert volumes == ["fs/ext4"]
+    assert excluded["fs/gpt"][0] is Reason.PARTITIONED
+
+
+@pytest.mark.parametrize("established", ["keep", "dirty"])
+def test_established_volumes_stay_volumes_whatever_a_tenant_wrote(established: str) -> None:
+    paths = frozenset(f"/mnt/raw/{n}" for n in SIGNED)
+    found = discover(CONFIG, HostSnapshot({"raw": list(SIGNED.values())}, [ROOT]),
+                     **{established: paths})  # type: ignore[arg-type]
+    assert sorted(v.entry_name for v in found.volumes) == sorted(SIGNED)
+    assert found.exclusions == ()
+
+
+def test_a_device_nothing_identifies_is_never_a_volume_and_its_pv_is_left_alone() -> None:
+    anonymous = block("anon", "8:32", identity={"fs-uuid": "only-content"})
+    snapshot = HostSnapshot({"raw": [anonymous, block("known", "8:48")]}, [ROOT])
+    found = discover(CONFIG, snapshot, keep=frozenset({"/mnt/raw/anon"}))
+    assert [v.entry_name for v in found.volumes] == ["known"]
+    (excluded,) = found.exclusions
+    assert excluded.reason is Reason.NO_IDENTITY and "WWN" in excluded.detail
+    view = HostView(CONFIG, snapshot, found)
+    assert view.state("raw", "/mnt/raw/anon")[0] is VolumeState.UNKNOWN
+
+
+def test_a_hung_entry_of_an_existing_pv_is_unknown_never_gone() -> None:
+    hung = EntryFacts("slow", "/d/fs/slow", FileType.UNREADABLE, timed_out=True,
+                      error="lstat did not answer within 5s")
+    snapshot = HostSnapshot({"fs": [hung], "raw": []}, [ROOT],
+                            dir_errors={"named": "cannot read /d/named: listing the directory "
+                                                 "did not answer within 5s"})
+    found = discover(CONFIG, snapshot, keep=frozenset({"/mnt/disks/slow"}))
+    assert [(e.reason, e.detail) for e in found.exclusions] == [
+        (Reason.TIMEOUT, "lstat did not answer within 5s")]
+    view = HostView(CONFIG, snapshot, found)
+    assert view.state("fs", "/mnt/disks/slow")[0] is VolumeState.UNKNOWN
+    assert view.state("named", "/mnt/named/ssd1")[0] is VolumeState.UNKNOWN  # dir hung
+    assert view.state("raw", "/mnt/raw/gone")[0] is VolumeState.GONE  # read: really not there
+
+
+def test_a_dirty_volume_wins_its_disk_over_a_new_alias() -> None:
+    found = discover(CONFIG, HostSnapshot(
+        {"raw": [block("a-alias", "7:30"), block("b-dirty", "7:30")]}, [ROOT]),
+        dirty=frozenset({"/mnt/raw/b-dirty"}))
+    assert [v.entry_name for v in found.volumes] == ["b-dirty"]
+    assert found.exclusions[0].reason is Reason.DUPLICATE
