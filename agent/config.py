@@ -14,7 +14,6 @@ import hashlib
 import os
 import posixpath
 import re
-import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +71,10 @@ _YAML11_TRUE = {"y", "yes", "true", "on"}
 _YAML11_FALSE = {"n", "no", "false", "off"}
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)$")
+_CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # exactly Unicode category Cc
+_LONG_COMPONENT = re.compile(r"[^/]{64,}")  # over 255 UTF-8 bytes takes 64 characters or more
+_GLOB_PREFIX_END = re.compile(r"[*?\[]")
+_GLOB_SUFFIX_START = re.compile(r"[*?\]]")
 _GO_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _GO_DURATION_UNITS = {
     "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0,
@@ -181,6 +184,7 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         warnings.extend(cls_warnings)
     if not classes:
         warnings.append("storageClassMap: no storage classes, nothing will be discovered")
+    warnings.extend(_overlap_warnings(classes))
     node_labels = _string_list(raw.get("nodeLabelsForPV"), "nodeLabelsForPV")
     for i, key in enumerate(node_labels):
         _check_label_key(key, f"nodeLabelsForPV[{i}]")
@@ -272,6 +276,104 @@ def _parse_class(name: str, body: Any) -> tuple[ClassConfig, list[str]]:
         allow_system_dir=allow_system,
     )
     return normalized, warnings
+
+
+def _overlap_warnings(classes: list[ClassConfig]) -> list[str]:
+    """Classes sharing a discovery directory, or one nested in another: a warning, not an error.
+
+    The upstream accepts both, and neither provably loses data here: discovery gives one disk
+    one PV across all classes (a duplicate is excluded with a reason), and the cleaner never
+    crosses into a nested mount. But which class a disk lands in is then easy to get wrong, so
+    it is worth saying. Same directory with provably disjoint namePatterns (`nvme*` and `sd*`)
+    is a normal setup and says nothing; so is a nested directory that the outer class's
+    patterns do not match. One warning per class, naming the first class it overlaps.
+    """
+    views = [_ClassView(c) for c in classes]
+    warnings: list[str] = []
+    warned: set[str] = set()
+    for attr, key in (("host_dir", "hostDir"), ("mount_dir", "mountDir")):
+        # A trie of path components keeps this linear in the total path length, however deep:
+        # a config is untrusted input.
+        root = _DirNode()
+        for view in views:
+            node = root
+            for part in _parts(getattr(view.cls, attr)):
+                child = node.children.get(part)
+                if child is None:
+                    child = node.children[part] = _DirNode()
+                node = child
+            node.classes.append(view)
+        for view in views:
+            name, path = view.cls.name, getattr(view.cls, attr)
+            if name in warned:  # one warning per class: mountDir usually repeats hostDir
+                continue
+            problem = _overlap(view, path, key, root, only_moved=attr == "mount_dir")
+            if problem is not None:
+                warned.add(name)
+                warnings.append(
+                    f"storageClassMap.{name}.{key}: {path!r} {problem}; each disk still gets "
+                    "one PV (an existing PV wins, else the first class by name), but give each "
+                    "class its own directory or disjoint namePatterns")
+    return warnings
+
+
+class _ClassView:
+    """A class with its namePatterns compiled once, for many comparisons."""
+
+    def __init__(self, cls: ClassConfig) -> None:
+        self.cls = cls
+        self.match = re.compile("|".join(f"(?:{fnmatch.translate(p)})"
+                                         for p in cls.name_patterns)).match
+        self.affixes = [_glob_affixes(p) for p in cls.name_patterns]
+        self.moved = cls.mount_dir != cls.host_dir
+
+
+@dataclass
+class _DirNode:
+    children: dict[str, _DirNode] = field(default_factory=dict)
+    classes: list[_ClassView] = field(default_factory=list)
+
+
+def _parts(path: str) -> list[str]:
+    return [p for p in path.split("/") if p]
+
+
+def _overlap(view: _ClassView, path: str, key: str, root: _DirNode,
+             only_moved: bool) -> str | None:
+    """How a class listed before `view`'s overlaps its `key` directory; None if none does.
+    `only_moved`: skip pairs whose mountDirs both equal their hostDirs (already compared)."""
+    node, parts = root, _parts(path)
+    for depth, part in enumerate(parts):
+        for other in node.classes:
+            if only_moved and not (view.moved or other.moved):
+                continue
+            if other.match(part):
+                outer = "/" + "/".join(parts[:depth])
+                return (f"is inside the {key} {outer!r} of class {other.cls.name}, whose "
+                        f"namePattern matches its entry {part!r}")
+        node = node.children[part]
+    for other in node.classes:
+        if other is view:
+            break  # only classes listed before: the pair is reported once, on the later one
+        if only_moved and not (view.moved or other.moved):
+            continue
+        if not _globs_disjoint(view.affixes, other.affixes):
+            return (f"is also the {key} of class {other.cls.name}, and their namePatterns may "
+                    "match the same entries")
+    return None
+
+
+def _globs_disjoint(ours: list[tuple[str, str]], theirs: list[tuple[str, str]]) -> bool:
+    """True only when no name can match a glob of both lists (given as `_glob_affixes`): for
+    every pair, the literal prefixes or suffixes disagree. False means "may overlap"."""
+    return all(
+        not (pa.startswith(pb) or pb.startswith(pa)) or not (sa.endswith(sb) or sb.endswith(sa))
+        for pa, sa in ours for pb, sb in theirs)
+
+
+def _glob_affixes(glob: str) -> tuple[str, str]:
+    """The literal text every match of `glob` starts with, and ends with."""
+    return _GLOB_PREFIX_END.split(glob, maxsplit=1)[0], _GLOB_SUFFIX_START.split(glob)[-1]
 
 
 def _check_selector_term(term: Any, where: str) -> None:
@@ -388,9 +490,9 @@ def _check_dir(path: str, where: str, place: str, allow_system: bool) -> str:
     accepted, because it is common in ConfigMaps and harmless: the upstream joins entry names
     with Go's filepath.Join, which drops it too, so PV paths (and names) stay the same.
     """
-    bad = next((i for i, ch in enumerate(path) if unicodedata.category(ch) == "Cc"), None)
+    bad = _CONTROL_CHAR.search(path)
     _expect(bad is None, where, path,
-            f"holds a control character (NUL, newline, ...) at index {bad}")
+            f"holds a control character (NUL, newline, ...) at index {bad and bad.start()}")
     _expect(path.startswith("/"), where, path, f"must be an absolute path {place}")
     _expect(len(path.encode()) <= PATH_MAX_BYTES, where, path,
             f"longer than {PATH_MAX_BYTES} bytes (PATH_MAX)")
@@ -398,7 +500,8 @@ def _check_dir(path: str, where: str, place: str, allow_system: bool) -> str:
     _expect(path in (normal, normal + "/"), where, path,
             f"not a normalised path ('.', '..' or '//' in it): its normalised form is "
             f"{normal!r}; write that if you mean it")
-    long_name = next((n for n in normal.split("/") if len(n.encode()) > NAME_MAX_BYTES), None)
+    long_name = next((m for m in _LONG_COMPONENT.findall(normal)
+                      if len(m.encode()) > NAME_MAX_BYTES), None)
     _expect(long_name is None, where, path,
             f"a path component is longer than {NAME_MAX_BYTES} bytes (NAME_MAX)")
     system = _system_dir(normal)

@@ -233,3 +233,49 @@ def test_allow_system_dir_overrides(host_dir: str) -> None:
     config = parse_config(one_class(hostDir=host_dir, allowSystemDir=True))
     assert config.classes[0].host_dir == host_dir and config.classes[0].allow_system_dir
     assert config.warnings == ()
+
+
+@pytest.mark.parametrize(("classes", "expected"), [
+    ({"a": {"hostDir": "/mnt/d"}, "b": {"hostDir": "/mnt/d/"}},
+     ["storageClassMap.b.hostDir: '/mnt/d' is also the hostDir of class a"]),
+    ({"b": {"hostDir": "/mnt/d"}, "a": {"hostDir": "/mnt/d"}, "c": {"hostDir": "/mnt/d"}},
+     ["storageClassMap.a.hostDir: '/mnt/d' is also the hostDir of class b",
+      "storageClassMap.c.hostDir: '/mnt/d' is also the hostDir of class b"]),
+    ({"a": {"hostDir": "/mnt/d", "namePattern": "nvme*"},
+      "b": {"hostDir": "/mnt/d", "namePattern": "n*"}},
+     ["storageClassMap.b.hostDir: '/mnt/d' is also the hostDir of class a"]),
+    ({"a": {"hostDir": "/mnt/d", "namePattern": "*-fast"},
+      "b": {"hostDir": "/mnt/d", "namePattern": "disk*"}},
+     ["storageClassMap.b.hostDir: '/mnt/d' is also the hostDir of class a"]),
+    ({"a": {"hostDir": "/mnt"}, "b": {"hostDir": "/mnt/disks/x"}},
+     ["storageClassMap.b.hostDir: '/mnt/disks/x' is inside the hostDir '/mnt' of class a, "
+      "whose namePattern matches its entry 'disks'"]),
+    ({"b": {"hostDir": "/mnt/disks"}, "a": {"hostDir": "/mnt"}},
+     ["storageClassMap.b.hostDir: '/mnt/disks' is inside the hostDir '/mnt' of class a"]),
+    ({"a": {"hostDir": "/mnt/a", "mountDir": "/c"}, "b": {"hostDir": "/mnt/b", "mountDir": "/c"}},
+     ["storageClassMap.b.mountDir: '/c' is also the mountDir of class a"]),
+    ({"a": {"hostDir": "/mnt/a", "mountDir": "/c"}, "b": {"hostDir": "/c/x"}},
+     ["storageClassMap.b.mountDir: '/c/x' is inside the mountDir '/c' of class a"]),
+    # Same dir, disjoint patterns; nested but unmatched; siblings; a shared prefix only.
+    ({"a": {"hostDir": "/mnt/d", "namePattern": "nvme*,ssd*"},
+      "b": {"hostDir": "/mnt/d", "namePattern": "sd*"}}, []),
+    ({"a": {"hostDir": "/mnt/d", "namePattern": "*-fast"},
+      "b": {"hostDir": "/mnt/d", "namePattern": "*-slow"}}, []),
+    ({"a": {"hostDir": "/mnt", "namePattern": "disk?"}, "b": {"hostDir": "/mnt/fast"}}, []),
+    ({"a": {"hostDir": "/mnt/a"}, "b": {"hostDir": "/mnt/b"}}, []),
+    ({"a": {"hostDir": "/mnt/disks"}, "b": {"hostDir": "/mnt/disks-fast"}}, []),
+])
+def test_shared_or_nested_dirs_warn_naming_both_classes(
+    classes: dict[str, object], expected: list[str]
+) -> None:
+    warnings = parse_config({"storageClassMap": classes}).warnings
+    assert len(warnings) == len(expected)
+    for warning, start in zip(warnings, expected, strict=True):
+        assert warning.startswith(start) and "each disk still gets one PV" in warning
+
+
+def test_many_overlapping_classes_one_warning_each() -> None:
+    same = {f"c{i}": {"hostDir": "/mnt/d"} for i in range(200)}
+    assert len(parse_config({"storageClassMap": same}).warnings) == 199
+    chain = {f"c{i}": {"hostDir": "/mnt" + "/d" * i} for i in range(200)}
+    assert len(parse_config({"storageClassMap": chain}).warnings) == 199
