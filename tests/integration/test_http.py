@@ -8,6 +8,7 @@ import gzip
 import http.client
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -349,3 +350,22 @@ def test_out_of_fds_pauses_accepting_and_logs_once() -> None:
     assert "Too many open files" in err
     assert err.count("accepting connections again") == 1, err
     assert "Traceback" not in err
+
+
+def test_start_raises_the_soft_fd_limit_to_the_hard_one() -> None:
+    prlimit = shutil.which("prlimit")
+    require(prlimit is not None, "prlimit (util-linux) missing")
+    assert prlimit is not None
+    code = textwrap.dedent("""
+        import logging, resource, sys
+        from agent.metrics import HealthServer, Metrics
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+        server = HealthServer("127.0.0.1:0", Metrics(), lambda: True, lambda: True)
+        server.start()
+        server.stop()
+        print(*resource.getrlimit(resource.RLIMIT_NOFILE))
+    """)
+    run = subprocess.run([prlimit, "--nofile=256:4096", "--", sys.executable, "-c", code],
+                         cwd=REPO, capture_output=True, text=True, check=True, timeout=60)
+    assert run.stdout.split() == ["4096", "4096"]
+    assert "raised the open file limit from 256 to 4096" in run.stderr
