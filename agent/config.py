@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import math
 import os
 import posixpath
 import re
@@ -27,6 +28,7 @@ VOLUME_MODES = ("Filesystem", "Block")
 ACCESS_MODES = ("ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod")
 SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt")
 DEFAULT_RESYNC_SECONDS = 300.0
+MAX_RESYNC_SECONDS = 24 * 3600.0  # a longer "periodic" resync is no safety net at all
 
 CLASS_KEYS = (
     "hostDir",
@@ -193,6 +195,13 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
     _expect(isinstance(tolerations, list) and all(isinstance(t, Mapping) for t in tolerations),
             "jobTolerations", tolerations, "must be a list of toleration mappings")
     taint_key = raw.get("provisionerNotReadyNodeTaintKey") or ""
+    use_alpha_api = _bool(raw.get("useAlphaAPI"), "useAlphaAPI")
+    if use_alpha_api:
+        warnings.append(
+            "useAlphaAPI: ignored; with it the upstream writes node affinity only as the "
+            "annotation volume.alpha.kubernetes.io/node-affinity, which current Kubernetes no "
+            "longer reads (its PVs then carry no node affinity and a pod can start on the wrong "
+            "node); this agent always writes spec.nodeAffinity")
     _expect(isinstance(taint_key, str), "provisionerNotReadyNodeTaintKey", taint_key,
             "must be a string")
     return Config(
@@ -201,13 +210,13 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         labels_for_pv=tuple(sorted(labels.items())),
         set_pv_owner_ref=_bool(raw.get("setPVOwnerRef"), "setPVOwnerRef"),
         use_node_name_only=_bool(raw.get("useNodeNameOnly"), "useNodeNameOnly"),
-        min_resync_period=_duration(raw.get("minResyncPeriod"), "minResyncPeriod"),
+        min_resync_period=_duration(raw.get("minResyncPeriod"), "minResyncPeriod", warnings),
         use_job_for_cleaning=_bool(raw.get("useJobForCleaning"), "useJobForCleaning"),
         job_tolerations=tuple(tolerations),
         remove_node_not_ready_taint=_bool(
             raw.get("removeNodeNotReadyTaint"), "removeNodeNotReadyTaint"),
         provisioner_not_ready_node_taint_key=taint_key,
-        use_alpha_api=_bool(raw.get("useAlphaAPI"), "useAlphaAPI"),
+        use_alpha_api=use_alpha_api,
         warnings=tuple(warnings),
     )
 
@@ -246,6 +255,11 @@ def _parse_class(name: str, body: Any) -> tuple[ClassConfig, list[str]]:
             "must be a string of comma-separated globs")
     patterns = tuple(p.strip() for p in pattern.split(",") if p.strip())
     _expect(bool(patterns), f"{where}.namePattern", pattern, "holds no glob")
+    for glob in patterns:
+        at = _unclosed_bracket(glob)
+        _expect(at is None, f"{where}.namePattern", pattern,
+                f"the glob {glob!r} has an unclosed '[' at index {at} (Go's filepath.Match, "
+                "which the upstream uses, rejects it too); write [[] for a literal '['")
 
     cleaner = body.get("blockCleanerCommand")
     if cleaner is None:
@@ -431,25 +445,45 @@ def _bool(value: Any, where: str) -> bool:
     raise ConfigError(where, value, "must be a boolean (true/false, yes/no)")
 
 
-def _duration(value: Any, where: str) -> float:
-    """A Go duration string (`5m0s`) or a number of seconds."""
+def _duration(value: Any, where: str, warnings: list[str]) -> float:
+    """A Go duration string (`5m0s`) or a number of seconds: finite, > 0, at most 24h.
+
+    0 is the one special value: the upstream passes it to its informers, where it means "no
+    periodic resync". This agent's full resync is its safety net for missed events, so it
+    cannot honour that: it warns and uses the default.
+    """
     if value is None or value == "":
         return DEFAULT_RESYNC_SECONDS
     if isinstance(value, bool):
         raise ConfigError(where, value, "must be a duration such as 5m or 30s")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int past float range
+            seconds = math.inf
     elif isinstance(value, str):
         text = value.strip()
-        if text == "0":
-            return 0.0
+        _expect(len(text) <= 64, where, value, "too long for a duration such as 5m or 30s")
+        sign = -1.0 if text.startswith("-") else 1.0
+        text = text[1:] if text[:1] in "+-" else text  # Go accepts a sign
         parts = _GO_DURATION_PART.findall(text)
-        if not parts or "".join(n + u for n, u in parts) != text:
+        if text == "0":
+            seconds = 0.0
+        elif not parts or "".join(n + u for n, u in parts) != text:
             raise ConfigError(where, value, "must be a duration such as 5m or 30s")
-        seconds = sum(float(n) * _GO_DURATION_UNITS[u] for n, u in parts)
+        else:
+            seconds = sign * sum(float(n) * _GO_DURATION_UNITS[u] for n, u in parts)
     else:
-        raise ConfigError(where, value, "must be a duration such as 5m or 30s")
+        raise ConfigError(where, _short(value), "must be a duration such as 5m or 30s")
+    _expect(not math.isnan(seconds), where, value, "is not a number (NaN); want e.g. 5m")
     _expect(seconds >= 0, where, value, "must not be negative")
+    _expect(seconds <= MAX_RESYNC_SECONDS, where, value,
+            "longer than the maximum of 24h" + (" (it is infinite)" if math.isinf(seconds) else ""))
+    if seconds == 0:
+        warnings.append(
+            f"{where}: 0 means no periodic resync to the upstream; this agent needs one to catch "
+            f"missed events, so it uses the default {DEFAULT_RESYNC_SECONDS:g}s")
+        return DEFAULT_RESYNC_SECONDS
     return seconds
 
 
@@ -481,6 +515,25 @@ def _check_label_key(key: str, where: str) -> None:
     if prefix:
         ok = ok and bool(_DNS_SUBDOMAIN.match(prefix)) and len(prefix) <= 253
     _expect(ok, where, key, "not a valid label key")
+
+
+def _unclosed_bracket(glob: str) -> int | None:
+    """Where `glob` opens a `[` set that never closes (fnmatch would silently take it
+    literally, Go's filepath.Match returns ErrBadPattern); None when every set closes."""
+    i = 0
+    while i < len(glob):
+        if glob[i] == "[":
+            j = i + 1
+            if glob[j:j + 1] == "!":
+                j += 1
+            if glob[j:j + 1] == "]":  # a `]` first in a set is a literal
+                j += 1
+            j = glob.find("]", j)
+            if j < 0:
+                return i
+            i = j
+        i += 1
+    return None
 
 
 def _check_dir(path: str, where: str, place: str, allow_system: bool) -> str:

@@ -142,7 +142,8 @@ def test_missing_path_is_a_config_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("value", "seconds"), [
-    ("5m", 300.0), ("5m0s", 300.0), ("1h", 3600.0), ("250ms", 0.25), (45, 45.0), ("0", 0.0),
+    ("5m", 300.0), ("5m0s", 300.0), ("1h", 3600.0), ("250ms", 0.25), (45, 45.0),
+    ("+90s", 90.0), ("24h", 86400.0), (86400, 86400.0), (" 1h30m ", 5400.0), ("", 300.0),
 ])
 def test_durations(value: object, seconds: float) -> None:
     assert parse_config({"minResyncPeriod": value}).min_resync_period == seconds
@@ -279,3 +280,75 @@ def test_many_overlapping_classes_one_warning_each() -> None:
     assert len(parse_config({"storageClassMap": same}).warnings) == 199
     chain = {f"c{i}": {"hostDir": "/mnt" + "/d" * i} for i in range(200)}
     assert len(parse_config({"storageClassMap": chain}).warnings) == 199
+
+
+@pytest.mark.parametrize("value", ["0", 0, "0s", "0h0m", 0.0, "-0"])
+def test_zero_resync_period_warns_and_uses_the_default(value: object) -> None:
+    config = parse_config({**MINIMAL, "minResyncPeriod": value})
+    assert config.min_resync_period == 300.0
+    (warning,) = config.warnings
+    assert warning.startswith("minResyncPeriod: 0 means no periodic resync to the upstream")
+
+
+@pytest.mark.parametrize(("value", "words"), [
+    (float("nan"), "is not a number (NaN)"),
+    (float("inf"), "maximum of 24h (it is infinite)"),
+    (float("-inf"), "must not be negative"),
+    (1e20, "maximum of 24h"),
+    (10**400, "maximum of 24h"),
+    ("100000000000000000000h", "maximum of 24h"),
+    ("24h0m1s", "maximum of 24h"),
+    (86401, "maximum of 24h"),
+    ("-5m", "must not be negative"),
+    (-1, "must not be negative"),
+    ("1e20h", "duration such as 5m"),
+    (".nan", "duration such as 5m"),
+    ("5 minutes", "duration such as 5m"),
+    ("5", "duration such as 5m"),
+    ("9" * 65 + "s", "too long"),
+    (True, "duration such as 5m"),
+    ([300], "duration such as 5m"),
+])
+def test_bad_durations(value: object, words: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"minResyncPeriod": value})
+    assert caught.value.key_path == "minResyncPeriod"
+    assert words in str(caught.value) and "got " in str(caught.value)
+
+
+def test_nan_from_yaml_is_named_as_such(tmp_path: Path) -> None:
+    (tmp_path / "minResyncPeriod").write_text(".nan\n")
+    with pytest.raises(ConfigError, match=r"^minResyncPeriod: is not a number \(NaN\)"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize(("pattern", "glob", "index"), [
+    ("[abc", "[abc", 0), ("nvme*,sd[a-", "sd[a-", 2), ("x[!]", "x[!]", 1), ("[]", "[]", 0),
+    ("ok[a]x[", "ok[a]x[", 6),
+])
+def test_unclosed_glob_bracket_is_an_error(pattern: str, glob: str, index: int) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(one_class(hostDir="/mnt/d", namePattern=pattern))
+    assert caught.value.key_path == "storageClassMap.sc1.namePattern"
+    assert caught.value.value == pattern
+    assert f"the glob {glob!r} has an unclosed '[' at index {index}" in str(caught.value)
+
+
+@pytest.mark.parametrize(("pattern", "matches", "misses"), [
+    ("[[]x", "[x", "x"), ("[]]", "]", "a"), ("[!]]", "a", "]"), ("sd[a-c]", "sdb", "sdd"),
+    ("a]b", "a]b", "ab"),
+])
+def test_valid_brackets_still_accepted(pattern: str, matches: str, misses: str) -> None:
+    (cls,) = parse_config(one_class(hostDir="/mnt/d", namePattern=pattern)).classes
+    assert cls.matches(matches) and not cls.matches(misses)
+
+
+@pytest.mark.parametrize(("value", "warns"), [(True, True), ("yes", True), (False, False)])
+def test_use_alpha_api_warns_that_it_is_ignored(value: object, warns: bool) -> None:
+    config = parse_config({**MINIMAL, "useAlphaAPI": value})
+    assert config.use_alpha_api is warns
+    assert [w for w in config.warnings if w.startswith("useAlphaAPI: ignored")] == (
+        [config.warnings[0]] if warns else [])
+    if warns:
+        assert "volume.alpha.kubernetes.io/node-affinity" in config.warnings[0]
+        assert "spec.nodeAffinity" in config.warnings[0]
