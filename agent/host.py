@@ -1,39 +1,89 @@
 """Observe the host: discovery directories, the mount table, device sizes and identities.
 
 The only module that touches the host's filesystems and devices for discovery. Every host path
-is a parameter (node_exporter style) so tests can point it at fixtures, and every call that can
-hang on a sick disk (statvfs, opening a device) runs time-bounded, so one bad disk never stalls
-the others.
+is a parameter (node_exporter style) so tests can point it at fixtures. Any call on a sick disk
+or mount can hang (lstat, statvfs, opening or reading a device, a hung FUSE or NFS mount), so
+the work runs time-bounded in worker threads: see `_Walk`. A disk's identity is read
+from the device itself (`agent.signatures`); udev's database only adds hardware ids.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import os
 import stat
 import struct
-import subprocess
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Generic, TypeVar, cast
 
 import psutil
 
+from agent import signatures
 from agent.config import Config
-from agent.discovery import EntryFacts, FileType, HostSnapshot, Mount, parse_mountinfo
+from agent.discovery import (
+    SYSTEM_FILESYSTEMS,
+    EntryFacts,
+    FileType,
+    HostSnapshot,
+    Mount,
+    parse_mountinfo,
+)
 
 log = logging.getLogger(__name__)
 
 BLKGETSIZE64 = 0x80081272
+LOOP_GET_STATUS64 = 0x4C05
+LOOP_MAJOR = 7
+LOOP_INFO64 = struct.Struct("=QQQQQIIII64s64s32sQQ")  # struct loop_info64, 232 bytes
+SLOW_AFTER = 0.25  # an entry busy this long gets the rest of the pass handed to a new worker
 T = TypeVar("T")
 
 
-class HostTimeoutError(Exception):
+class HostTimeoutError(OSError):
     """A host call did not return in time (a hung disk, a dead NFS server)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(errno.ETIMEDOUT, what)
+
+
+class Doing:
+    """What a bounded task is busy with, so a timeout can name the call that hung."""
+
+    def __init__(self) -> None:
+        self.what = "starting"
+
+    def __call__(self, what: str) -> None:
+        self.what = what
+
+
+@dataclass(frozen=True)
+class Hung:
+    """A task that did not finish within the timeout (now, or since an earlier call)."""
+
+    what: str
+    timeout: float
+    earlier: bool = False
+
+    def describe(self) -> str:
+        if self.earlier:
+            return f"{self.what} has not answered since an earlier pass (over {self.timeout:g}s)"
+        return f"{self.what} did not answer within {self.timeout:g}s"
+
+
+@dataclass(frozen=True)
+class DeviceRead:
+    """What one open of a block device showed."""
+
+    size: int
+    probe: signatures.Probe
+    loop_backing: str = ""
 
 
 @dataclass
@@ -46,28 +96,56 @@ class HostReader:
     dev_dir: str = "/dev"
     timeout: float = 5.0
     capacity_of: Callable[[str], int] = field(default=lambda p: int(psutil.disk_usage(p).total))
-    _hanging: set[str] = field(default_factory=set)
+    _hanging: dict[str, Doing] = field(default_factory=dict)  # key -> what its thread is stuck in
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _disagreements: set[tuple[str, str, str]] = field(default_factory=set)
 
     def snapshot(self, config: Config) -> HostSnapshot:
-        """Observe every class's discovery directory and the mount table, once."""
-        mounts = self.mounts()
+        """Observe every class's discovery directory and the mount table, once.
+
+        Raises HostTimeoutError when the mount table itself does not answer: without it no
+        entry can be judged. A class directory or an entry that hangs is reported, not raised.
+        """
+        listing_calls: dict[str, Callable[[Doing], object]] = {
+            "mount-table": self._mount_table,
+            **{f"dir:{cls.mount_dir}": functools.partial(_list_dir, cls.mount_dir)
+               for cls in config.classes},
+        }
+        first = self._walk(listing_calls)
+        table = first["mount-table"]
+        if isinstance(table, Hung):
+            raise HostTimeoutError(f"reading the mount table: {table.describe()}")
+        if isinstance(table, BaseException):
+            raise table
+        mounts, sources = cast(tuple[list[Mount], dict[str, str]], table)
         mounts_at = {m.mount_point: m for m in mounts}  # the last mount on a path is visible
-        entries: dict[str, list[EntryFacts]] = {}
         real_dirs: dict[str, str] = {}
         dir_errors: dict[str, str] = {}
+        wanted: dict[str, list[tuple[str, str]]] = {}  # class -> [(name, path)]
         for cls in config.classes:
-            real = os.path.realpath(cls.mount_dir)
-            real_dirs[cls.name] = real
-            try:
-                names = sorted(os.listdir(real))
-            except OSError as exc:
-                dir_errors[cls.name] = f"cannot read {cls.mount_dir}: {exc.strerror or exc}"
-                continue
-            entries[cls.name] = [
-                self.entry(os.path.join(real, n), n, mounts_at) for n in names if cls.matches(n)
-            ]
-        return HostSnapshot(entries, mounts, real_dirs, dir_errors, self.mount_sources(mounts))
+            listing = first[f"dir:{cls.mount_dir}"]
+            if isinstance(listing, Hung):
+                dir_errors[cls.name] = f"cannot read {cls.mount_dir}: {listing.describe()}"
+            elif isinstance(listing, OSError):
+                dir_errors[cls.name] = f"cannot read {cls.mount_dir}: {listing.strerror or listing}"
+            elif isinstance(listing, BaseException):
+                raise listing
+            else:
+                real, names = cast(tuple[str, list[str]], listing)
+                real_dirs[cls.name] = real
+                wanted[cls.name] = [(n, os.path.join(real, n)) for n in names if cls.matches(n)]
+        calls = {f"entry:{path}": functools.partial(self.entry, path, name, mounts_at)
+                 for pairs in wanted.values() for name, path in pairs}
+        done = self._walk(calls)
+        entries = {cls: [_entry_outcome(name, path, done[f"entry:{path}"]) for name, path in pairs]
+                   for cls, pairs in wanted.items()}
+        return HostSnapshot(entries, mounts, real_dirs, dir_errors, sources)
+
+    def _mount_table(self, doing: Doing) -> tuple[list[Mount], dict[str, str]]:
+        doing("reading the mount table")
+        mounts = self.mounts()
+        doing("looking up mount sources")
+        return mounts, self.mount_sources(mounts)
 
     @staticmethod
     def mount_sources(mounts: list[Mount]) -> dict[str, str]:
@@ -75,29 +153,33 @@ class HostReader:
         differs (btrfs): a raw device is never offered while any of its filesystems is mounted."""
         sources: dict[str, str] = {}
         for m in mounts:
-            if not m.source.startswith("/dev/"):
-                continue
-            try:
-                st = os.stat(m.source)
-            except OSError:
-                continue
-            if stat.S_ISBLK(st.st_mode):
-                devno = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-                if devno != m.device:
-                    sources[m.mount_point] = devno
+            devno = _block_devno(m.source)
+            if devno is not None and devno != m.device:
+                sources[m.mount_point] = devno
         return sources
 
     def mounts(self) -> list[Mount]:
         with open(self.mountinfo, encoding="utf-8", errors="surrogateescape") as f:
             return parse_mountinfo(f.read())
 
-    def entry(self, path: str, name: str, mounts_at: Mapping[str, Mount]) -> EntryFacts:
-        """Facts about one entry; never raises for a problem of that entry alone."""
+    def entry(self, path: str, name: str, mounts_at: Mapping[str, Mount],
+              doing: Callable[[str], None] = lambda _: None) -> EntryFacts:
+        """Facts about one entry; never raises for a problem of that entry alone. Unbounded
+        itself: `snapshot` runs it under the timeout."""
         try:
-            lst = os.lstat(path)
+            return self._entry(path, name, mounts_at, doing)
         except OSError as exc:
             return _unreadable(name, path, exc)
-        target = os.path.realpath(path) if stat.S_ISLNK(lst.st_mode) else None
+
+    def _entry(self, path: str, name: str, mounts_at: Mapping[str, Mount],
+               doing: Callable[[str], None]) -> EntryFacts:
+        doing("lstat")
+        lst = os.lstat(path)
+        target = None
+        if stat.S_ISLNK(lst.st_mode):
+            doing("resolving the symlink")
+            target = os.path.realpath(path)
+        doing("stat")
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -105,68 +187,148 @@ class HostReader:
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 return EntryFacts(name, path, FileType.BROKEN_LINK, target=target)
-            return _unreadable(name, path, exc)
+            return _unreadable(name, path, exc, target)
 
         if stat.S_ISDIR(st.st_mode):
-            return self._directory(name, path, target, mounts_at)
+            return self._directory(name, path, target, mounts_at, doing)
         if stat.S_ISBLK(st.st_mode):
-            return self._block(name, path, target, st.st_rdev)
+            return self._block(name, path, target, _devno(st.st_rdev), doing)
         return EntryFacts(name, path, FileType.OTHER, target=target)
 
-    def _directory(
-        self, name: str, path: str, target: str | None, mounts_at: Mapping[str, Mount]
-    ) -> EntryFacts:
+    def _directory(self, name: str, path: str, target: str | None,
+                   mounts_at: Mapping[str, Mount], doing: Callable[[str], None]) -> EntryFacts:
         real = target or path
         mount = mounts_at.get(real)
         if mount is None:  # not a mount point: discovery explains; no need to measure it
             return EntryFacts(name, path, FileType.DIRECTORY, target=target)
+        if mount.fs_type in SYSTEM_FILESYSTEMS:  # never offered: not even asked (autofs)
+            return EntryFacts(name, path, FileType.DIRECTORY, target=target, device=mount.device)
         try:
-            capacity = self._bounded(real, lambda: self.capacity_of(real))
-        except HostTimeoutError:
-            return EntryFacts(name, path, FileType.DIRECTORY, target=target,
-                              device=mount.device, timed_out=True,
-                              error=f"statvfs did not answer within {self.timeout:g}s")
+            doing("statvfs")
+            capacity = self.capacity_of(real)
         except OSError as exc:
             return _unreadable(name, path, exc, target)
+        doing("stat of the mount source")
+        device = _block_devno(mount.source) or mount.device  # btrfs: 0:N in mountinfo
+        node = self.device_node(device)
+        read = None
+        if node is not None:
+            try:
+                read = self._read_device(node, device, doing, loop=False)
+            except OSError:
+                read = None  # the node is not here (a pod without the host's /dev): udev's word
         return EntryFacts(name, path, FileType.DIRECTORY, target=target, device=mount.device,
-                          capacity_bytes=capacity, identity=self.identity(mount.device))
+                          capacity_bytes=capacity,
+                          identity=self._identity(device, read, doing, mount.fs_type))
 
-    def _block(self, name: str, path: str, target: str | None, rdev: int) -> EntryFacts:
-        device = f"{os.major(rdev)}:{os.minor(rdev)}"
+    def _block(self, name: str, path: str, target: str | None, device: str,
+               doing: Callable[[str], None]) -> EntryFacts:
+        doing("reading sysfs")
         sysdir = Path(self.sys_block, device)
         partitions = tuple(sorted(
             _read(p / "dev") for p in _children(sysdir) if (p / "partition").exists()
         ))
         holders = tuple(sorted(p.name for p in _children(sysdir / "holders")))
-        real = target or path
         try:
-            size = self._bounded(real, lambda: device_size(real))
-        except HostTimeoutError:
-            return EntryFacts(name, path, FileType.BLOCK, target=target, device=device,
-                              timed_out=True,
-                              error=f"opening the device did not answer within {self.timeout:g}s")
+            read = self._read_device(target or path, device, doing, loop=True)
         except OSError as exc:
             return _unreadable(name, path, exc, target)
+        if read is None:
+            return EntryFacts(name, path, FileType.UNREADABLE, target=target,
+                              error="the entry changed while it was read")
+        probe = read.probe
         return EntryFacts(name, path, FileType.BLOCK, target=target, device=device,
-                          capacity_bytes=size, identity=self.identity(device),
-                          partitions=partitions, holders=holders)
+                          capacity_bytes=read.size, identity=self._identity(device, read, doing),
+                          partitions=partitions, holders=holders, signatures=probe.types,
+                          partition_table=probe.table.type if probe.table else None)
 
-    def identity(self, device: str) -> dict[str, str]:
-        """What identifies the disk behind a device number: fs UUID, WWN, serial, by-id name."""
-        props = self.udev_properties(device)
-        ident = {
-            "fs-uuid": props.get("ID_FS_UUID", ""),
-            "wwn": props.get("ID_WWN_WITH_EXTENSION") or props.get("ID_WWN", ""),
-            "serial": props.get("ID_SERIAL_SHORT") or props.get("ID_SERIAL", ""),
-        }
+    def read_identity(self, device: str, fs_type: str | None = None) -> dict[str, str]:
+        """The identity of the disk behind `device` ("major:minor"), read from it now.
+
+        For a check right before anything destructive: nothing is cached, the device is opened
+        (read-only, never exclusively) and read on every call; its own superblock gives
+        `fs-uuid` (the one of `fs_type` when given, as for a mount), its partition table
+        `pt-uuid`, a loop device's status `loop-backing`; udev's database adds `wwn`, `serial`
+        and `device-id`. `{}` when the device has no node here, is not that device any more, or
+        cannot be opened or read. Bounded by `timeout`: raises HostTimeoutError when the device
+        does not answer, at once while an earlier call on it still hangs.
+        """
+        key = f"device:{device}"
+        result = self._walk({key: functools.partial(self._read_identity, device, fs_type)})[key]
+        if isinstance(result, Hung):
+            raise HostTimeoutError(f"device {device}: {result.describe()}")
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _read_identity(self, device: str, fs_type: str | None, doing: Doing) -> dict[str, str]:
+        doing("reading sysfs")
         node = self.device_node(device)
-        if node:
-            by_id = self._links_to(node, "disk/by-id")
-            ident["device-id"] = by_id[0] if by_id else ""
-            if not ident["fs-uuid"]:
-                by_uuid = self._links_to(node, "disk/by-uuid")
-                ident["fs-uuid"] = by_uuid[0] if by_uuid else self._probe_fs_uuid(node)
-        return {k: v for k, v in ident.items() if v}
+        if node is None:
+            return {}
+        try:
+            read = self._read_device(node, device, doing, loop=True)
+        except OSError:
+            return {}
+        if read is None:
+            return {}
+        return self._identity(device, read, doing, fs_type)
+
+    def _read_device(self, path: str, device: str, doing: Callable[[str], None],
+                     loop: bool) -> DeviceRead | None:
+        """Open a device node and read its size, its signatures and (`loop`) its loop status.
+        None when the node is not the block device `device` (any more)."""
+        doing("opening the device")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISBLK(st.st_mode) or _devno(st.st_rdev) != device:
+                return None
+            doing("reading the device size")
+            size = int(struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8))[0])
+            doing("reading the device")
+            chunks = {off: os.pread(fd, length, off) for off, length in signatures.regions(size)}
+            backing = ""
+            if loop and self._is_loop(device):
+                doing("reading the loop status")
+                backing = _loop_status(fd)
+            return DeviceRead(size, signatures.probe(chunks, size), backing)
+        finally:
+            os.close(fd)
+
+    def _is_loop(self, device: str) -> bool:
+        major = device.split(":", 1)[0]
+        return major == str(LOOP_MAJOR) or Path(self.sys_block, device, "loop").is_dir()
+
+    def _identity(self, device: str, read: DeviceRead | None, doing: Callable[[str], None],
+                  fs_type: str | None = None) -> dict[str, str]:
+        """What identifies the disk behind a device number. The device's own bytes win over
+        udev's database, which can be stale (a disk reformatted while udev was not looking)."""
+        doing("reading udev data")
+        props = self.udev_properties(device)
+        node = self.device_node(device)
+        by_id = self._links_to(node, "disk/by-id") if node else []
+        udev_uuid = props.get("ID_FS_UUID", "")
+        if not udev_uuid and node and read is None:
+            by_uuid = self._links_to(node, "disk/by-uuid")
+            udev_uuid = by_uuid[0] if by_uuid else ""
+        if read is not None:
+            fs_uuid = read.probe.fs_uuid(fs_type)
+            pt_uuid = read.probe.table.uuid if read.probe.table else ""
+            if udev_uuid and udev_uuid != fs_uuid:
+                self._disagree(device, udev_uuid, fs_uuid)
+        else:
+            fs_uuid, pt_uuid = udev_uuid, props.get("ID_PART_TABLE_UUID", "")
+        return compose_identity(props, by_id, fs_uuid, pt_uuid,
+                                read.loop_backing if read is not None else "")
+
+    def _disagree(self, device: str, udev_uuid: str, own: str) -> None:
+        with self._lock:
+            if (device, udev_uuid, own) in self._disagreements:
+                return
+            self._disagreements.add((device, udev_uuid, own))
+        log.warning("device %s: udev's database says filesystem UUID %s, the device itself %s; "
+                    "using the device's", device, udev_uuid, own or "(none)")
 
     def udev_properties(self, device: str) -> dict[str, str]:
         """udev's database entry for a block device (`E:KEY=VALUE` lines), if udev runs."""
@@ -199,59 +361,175 @@ class HostReader:
             return []
         return sorted(names, key=lambda n: (not n.startswith("wwn-"), n))
 
-    def _probe_fs_uuid(self, node: str) -> str:
-        """Without udev, ask blkid to read the superblock directly."""
-        try:
-            out = subprocess.run(
-                ["blkid", "-p", "-s", "UUID", "-o", "value", node],
-                capture_output=True, text=True, timeout=self.timeout, check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-        return out.stdout.strip() if out.returncode == 0 else ""
+    def _walk(self, calls: Mapping[str, Callable[[Doing], T]]
+              ) -> dict[str, T | Hung | BaseException]:
+        """Run `calls` in order, each bounded by `timeout` (see `_Walk`)."""
+        return _Walk(self, calls).run()
 
-    def _bounded(self, key: str, call: Callable[[], T]) -> T:
-        """Run a call that may hang in a daemon thread; give up waiting after `timeout`.
 
-        A call that hangs keeps its thread; the key stays marked so later passes do not pile
-        up more stuck threads on the same path.
-        """
-        with self._lock:
-            if key in self._hanging:
-                raise HostTimeoutError(key)
-        result: list[T] = []
-        error: list[BaseException] = []
+class _Walk(Generic[T]):
+    """One time-bounded run of host calls; a call that hangs costs the others at most
+    `SLOW_AFTER`, and the whole run at most `timeout`, once.
 
-        def run() -> None:
+    Why this shape: a thread blocked in the kernel on a hung disk cannot be cancelled, only
+    abandoned. So a worker thread walks the calls in order; when one call has been busy for
+    `SLOW_AFTER` a new worker takes over the rest (the slow one exits when its call returns),
+    and when it has been busy for `timeout` its key is marked hanging and its result is `Hung`.
+    A hanging key is not started again, by this or a later run, until its thread returns: at
+    most one stuck thread per hung path, never a pile-up.
+    """
+
+    def __init__(self, reader: HostReader, calls: Mapping[str, Callable[[Doing], T]]) -> None:
+        self.reader = reader
+        self.calls = calls
+        self.keys = list(calls)
+        self.results: dict[str, T | Hung | BaseException] = {}
+        self.running: dict[str, tuple[float, Doing]] = {}  # key -> (started, what it does)
+        self.handed_off: set[str] = set()
+        self.cursor = 0
+        self.cond = threading.Condition(reader._lock)  # the one lock that guards _hanging
+        self.slow = min(SLOW_AFTER, reader.timeout)
+
+    def run(self) -> dict[str, T | Hung | BaseException]:
+        timeout = self.reader.timeout
+        with self.cond:
+            if self.keys:
+                self._start_worker()
+            while len(self.results) < len(self.keys):
+                now = time.monotonic()
+                wake = now + timeout
+                for key, (began, doing) in list(self.running.items()):
+                    if key in self.results:
+                        continue  # given up on; its thread may still be stuck
+                    if key not in self.handed_off and now - began >= self.slow:
+                        self.handed_off.add(key)
+                        self._start_worker()
+                    if now - began >= timeout:
+                        self._give_up(key, doing)
+                        continue
+                    wake = min(wake, began + (timeout if key in self.handed_off else self.slow))
+                if len(self.results) < len(self.keys):
+                    self.cond.wait(max(0.0, wake - now) + 0.005)
+        return self.results
+
+    def _give_up(self, key: str, doing: Doing) -> None:
+        hung = Hung(doing.what, self.reader.timeout)
+        self.results[key] = hung
+        self.reader._hanging[key] = doing
+        log.warning("host call on %s: %s; not retried until it returns", key, hung.describe())
+
+    def _start_worker(self) -> None:
+        threading.Thread(target=self._work, name="host-walk", daemon=True).start()
+
+    def _next(self) -> tuple[str, Doing] | None:
+        """The next call to make (under the lock); calls still hanging are answered at once."""
+        hanging = self.reader._hanging
+        while self.cursor < len(self.keys):
+            key = self.keys[self.cursor]
+            self.cursor += 1
+            stuck = hanging.get(key)
+            if stuck is not None:
+                self.results[key] = Hung(stuck.what, self.reader.timeout, earlier=True)
+                self.cond.notify_all()
+                continue
+            doing = Doing()
+            self.running[key] = (time.monotonic(), doing)
+            self.cond.notify_all()  # the waiting caller times this call from now
+            return key, doing
+        return None
+
+    def _work(self) -> None:
+        while True:
+            with self.cond:
+                job = self._next()
+            if job is None:
+                return
+            key, doing = job
+            outcome: T | BaseException
             try:
-                result.append(call())
-            except BaseException as exc:  # handed to the waiting caller
-                error.append(exc)
-            finally:
-                with self._lock:
-                    self._hanging.discard(key)
-
-        with self._lock:
-            self._hanging.add(key)
-        worker = threading.Thread(target=run, name=f"host-call {key}", daemon=True)
-        worker.start()
-        worker.join(self.timeout)
-        if worker.is_alive():
-            log.warning("host call on %s still hanging after %gs", key, self.timeout)
-            raise HostTimeoutError(key)
-        if error:
-            raise error[0]
-        return result[0]
+                outcome = self.calls[key](doing)
+            except Exception as exc:  # handed to the caller, in its thread
+                outcome = exc
+            with self.cond:
+                self.running.pop(key, None)
+                hanging = self.reader._hanging
+                if hanging.get(key) is doing:
+                    del hanging[key]
+                    log.info("host call on %s answered again (%s)", key, doing.what)
+                self.results.setdefault(key, outcome)
+                self.cond.notify_all()
+                if key in self.handed_off:
+                    return  # another worker carries on with the rest
 
 
-def device_size(path: str) -> int:
-    """Size of a block device in bytes (BLKGETSIZE64)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def compose_identity(udev: Mapping[str, str], by_id: list[str], fs_uuid: str, pt_uuid: str,
+                     loop_backing: str) -> dict[str, str]:
+    """The identity keys (agent.identity.IDENTITY_KEYS) that have a value."""
+    ident = {
+        "fs-uuid": fs_uuid,
+        "wwn": udev.get("ID_WWN_WITH_EXTENSION") or udev.get("ID_WWN", ""),
+        "serial": udev.get("ID_SERIAL_SHORT") or udev.get("ID_SERIAL", ""),
+        "device-id": by_id[0] if by_id else "",
+        "pt-uuid": pt_uuid,
+        "loop-backing": loop_backing,
+    }
+    return {k: v for k, v in ident.items() if v}
+
+
+def loop_backing(info: bytes) -> str:
+    """A loop device's backing file from its `struct loop_info64`, as a stable string:
+    `MAJOR:MINOR:INODE` (the device of the filesystem holding the file, and the file's inode),
+    then `@OFFSET` and `+SIZELIMIT` when the loop maps only part of the file. A path would not
+    do: the file can be renamed, or another file put at its path."""
+    lo_device, lo_inode, _rdevice, offset, sizelimit = LOOP_INFO64.unpack(info)[:5]
+    text = f"{_devno(lo_device)}:{lo_inode}"
+    if offset:
+        text += f"@{offset}"
+    if sizelimit:
+        text += f"+{sizelimit}"
+    return text
+
+
+def _loop_status(fd: int) -> str:
     try:
-        buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
-        return int(struct.unpack("Q", buf)[0])
-    finally:
-        os.close(fd)
+        info = fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(LOOP_INFO64.size))
+    except OSError:  # ENXIO: no file attached
+        return ""
+    return loop_backing(info)
+
+
+def _list_dir(mount_dir: str, doing: Doing) -> tuple[str, list[str]]:
+    doing("resolving the directory")
+    real = os.path.realpath(mount_dir)
+    doing("listing the directory")
+    return real, sorted(os.listdir(real))
+
+
+def _entry_outcome(name: str, path: str, outcome: EntryFacts | Hung | BaseException
+                   ) -> EntryFacts:
+    if isinstance(outcome, Hung):
+        return EntryFacts(name, path, FileType.UNREADABLE, timed_out=True,
+                          error=outcome.describe())
+    if isinstance(outcome, OSError):
+        return _unreadable(name, path, outcome)
+    if isinstance(outcome, BaseException):
+        raise outcome  # a bug, not a disk problem
+    return outcome
+
+
+def _block_devno(path: str) -> str | None:
+    """The device number of a device node, for a path under /dev; None for anything else."""
+    if not path.startswith("/dev/"):
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return _devno(st.st_rdev) if stat.S_ISBLK(st.st_mode) else None
+
+
+def _devno(rdev: int) -> str:
+    return f"{os.major(rdev)}:{os.minor(rdev)}"
 
 
 def _unreadable(name: str, path: str, exc: OSError, target: str | None = None) -> EntryFacts:
@@ -272,4 +550,3 @@ def _read(path: Path) -> str:
         return path.read_text().strip()
     except OSError:
         return ""
-
