@@ -34,6 +34,24 @@ class Disks:
             sh("mkfs.xfs", "-q", "-f", device)
         return device
 
+    def partitioned(self, name: str, label: str = "gpt", size_mib: int = 64) -> str:
+        """A loop device whose image got a partition table (one 8 MiB partition) before it was
+        attached, without partition scanning: the kernel has not parsed the table."""
+        image = self.workdir / f"{name}.img"
+        with image.open("wb") as f:
+            f.truncate(size_mib << 20)
+        subprocess.run(["sfdisk", "-q", str(image)], input=f"label: {label}\n,8M\n",
+                       check=True, capture_output=True, text=True)
+        device = sh("losetup", "--find", "--show", str(image))
+        self._undo.append(("losetup", "-d", device))
+        return device
+
+    def swap(self, name: str, size_mib: int = 64) -> str:
+        """A loop device with a swap signature (never enabled)."""
+        device = self.loop(name, size_mib)
+        sh("mkswap", "-q", device)
+        return device
+
     def mount(self, source: str, target: Path, fstype: str | None = None,
               options: str | None = None) -> Path:
         target.mkdir(parents=True, exist_ok=True)
