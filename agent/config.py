@@ -15,7 +15,8 @@ import math
 import os
 import posixpath
 import re
-from collections.abc import Mapping
+import reprlib
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,11 @@ ACCESS_MODES = ("ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOnce
 SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt")
 DEFAULT_RESYNC_SECONDS = 300.0
 MAX_RESYNC_SECONDS = 24 * 3600.0  # a longer "periodic" resync is no safety net at all
+# A ConfigMap cannot hold more than 1 MiB, so no config that works as a ConfigMap is refused;
+# checked before parsing, because parsing (not reading) is what a huge config makes slow.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CLASSES = 1000
+MAX_WARNINGS = 100
 
 CLASS_KEYS = (
     "hostDir",
@@ -90,7 +96,19 @@ class ConfigError(ValueError):
         self.key_path = key_path
         self.value = value
         self.problem = problem
-        super().__init__(f"{key_path}: {problem} (got {value!r})")
+        super().__init__(f"{key_path}: {problem} (got {_REPR.repr(value)})")
+
+
+def _bounded_repr() -> reprlib.Repr:
+    """repr() for error messages: a 1 MiB string or a deep structure stays a short line."""
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = 160
+    r.maxlevel = 4
+    r.maxlong = 40
+    return r
+
+
+_REPR = _bounded_repr()
 
 
 @dataclass(frozen=True)
@@ -135,20 +153,17 @@ class Config:
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read a ConfigMap-style directory or a single YAML file and validate it."""
+    """Read a ConfigMap-style directory or a single YAML file and validate it.
+
+    All files are read (at most `MAX_CONFIG_BYTES` together) before any is parsed."""
     p = Path(path)
     if p.is_dir():
-        raw: dict[str, Any] = {}
-        for entry in sorted(p.iterdir()):
-            # The kubelet's atomic writer keeps `..data` and timestamped dirs next to the keys.
-            if entry.name.startswith("."):
-                continue
-            if not entry.is_file():
-                continue
-            raw[entry.name] = _load_yaml(_read_text(entry), entry.name)
-        return parse_config(raw)
+        # The kubelet's atomic writer keeps `..data` and timestamped dirs next to the keys.
+        files = [e for e in sorted(p.iterdir()) if not e.name.startswith(".") and e.is_file()]
+        texts = _read_config_files(p, files, keys=True)
+        return parse_config({name: _load_yaml(text, name) for name, text in texts.items()})
     if p.is_file():
-        data = _load_yaml(_read_text(p), str(p))
+        data = _load_yaml(_read_config_files(p, [p], keys=False)[p.name], str(p))
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
@@ -159,19 +174,53 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 def fingerprint(path: str | os.PathLike[str]) -> str:
     """A digest of what `load_config` would read, to notice edits (the kubelet swaps a
-    symlink when a mounted ConfigMap changes, so mtimes are not enough)."""
+    symlink when a mounted ConfigMap changes, so mtimes are not enough). Reads at most
+    `MAX_CONFIG_BYTES` + 1 of each file, plus its size: a config over the limit is refused
+    whatever its tail holds."""
     p = Path(path)
     digest = hashlib.sha256()
     try:
-        if p.is_dir():
-            for entry in sorted(p.iterdir()):
-                if not entry.name.startswith(".") and entry.is_file():
-                    digest.update(entry.name.encode() + b"\0" + entry.read_bytes() + b"\0")
-        else:
-            digest.update(p.read_bytes())
+        files = ([e for e in sorted(p.iterdir()) if not e.name.startswith(".") and e.is_file()]
+                 if p.is_dir() else [p])
+        for entry in files:
+            with entry.open("rb") as stream:
+                size = os.fstat(stream.fileno()).st_size
+                head = stream.read(MAX_CONFIG_BYTES + 1)
+            digest.update(f"{entry.name}\0{size}\0".encode() + head + b"\0")
     except OSError as exc:
         digest.update(f"unreadable: {exc}".encode())
     return digest.hexdigest()
+
+
+def _read_config_files(where: Path, files: list[Path], keys: bool) -> dict[str, str]:
+    """Each file's text, all within one `MAX_CONFIG_BYTES` budget (key names count, as they do
+    in a ConfigMap); never reads more than the budget + 1 byte, however large a file is."""
+    budget = MAX_CONFIG_BYTES
+    texts = {}
+    for entry in files:
+        if keys:
+            budget -= len(entry.name.encode())
+        with entry.open("rb") as stream:
+            data = stream.read(max(budget, 0) + 1)
+        budget -= len(data)
+        if budget < 0:
+            total = sum((len(f.name.encode()) if keys else 0) + _size(f) for f in files)
+            what = "the config's keys and values hold" if keys else "the config file holds"
+            raise ConfigError(
+                str(where), total, f"{what} {total} bytes, over the 1 MiB limit "
+                f"({MAX_CONFIG_BYTES} bytes, also a ConfigMap's maximum); nothing was parsed")
+        try:
+            texts[entry.name] = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(entry.name, f"byte {exc.start}", "not valid UTF-8") from None
+    return texts
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def parse_config(raw: Mapping[str, Any]) -> Config:
@@ -179,6 +228,8 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
     warnings = [f"{key}: unknown key, ignored" for key in raw if key not in TOP_KEYS]
     classes_raw = raw.get("storageClassMap") or {}
     _expect(isinstance(classes_raw, Mapping), "storageClassMap", classes_raw, "must be a mapping")
+    _expect(len(classes_raw) <= MAX_CLASSES, "storageClassMap", len(classes_raw),
+            f"{len(classes_raw)} storage classes, over the limit of {MAX_CLASSES}")
     classes = []
     for name, body in classes_raw.items():
         cls, cls_warnings = _parse_class(str(name), body)
@@ -217,7 +268,7 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
             raw.get("removeNodeNotReadyTaint"), "removeNodeNotReadyTaint"),
         provisioner_not_ready_node_taint_key=taint_key,
         use_alpha_api=use_alpha_api,
-        warnings=tuple(warnings),
+        warnings=tuple(_cap_warnings(warnings)),
     )
 
 
@@ -290,6 +341,14 @@ def _parse_class(name: str, body: Any) -> tuple[ClassConfig, list[str]]:
         allow_system_dir=allow_system,
     )
     return normalized, warnings
+
+
+def _cap_warnings(warnings: list[str]) -> list[str]:
+    """At most `MAX_WARNINGS`: each is logged (and a config can hold 100k unknown keys)."""
+    if len(warnings) <= MAX_WARNINGS:
+        return warnings
+    rest = len(warnings) - MAX_WARNINGS + 1
+    return [*warnings[:MAX_WARNINGS - 1], f"... and {rest} more warnings like these"]
 
 
 def _overlap_warnings(classes: list[ClassConfig]) -> list[str]:
@@ -410,9 +469,45 @@ def _check_selector_term(term: Any, where: str) -> None:
                     f"{at}.values", values, "must be a list of strings")
 
 
+class _UniqueKeys(yaml.constructor.SafeConstructor):
+    """YAML 1.1 safe loading, but a key repeated in one mapping is an error, not last-wins:
+    a repeated class name or `hostDir` silently dropping the first is how volumes get lost."""
+
+    def construct_mapping(
+        self, node: yaml.MappingNode, deep: bool = False
+    ) -> dict[Hashable, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _value in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` then overriding a merged key is normal YAML
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:
+                continue  # an unhashable key: the base class reports it
+            if first is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found duplicate key {_REPR.repr(key)} (first at line "
+                    f"{first.start_mark.line + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+class _PyLoader(_UniqueKeys, yaml.SafeLoader):
+    pass
+
+
+_LOADER: type[Any] = _PyLoader
+if yaml.__with_libyaml__:  # the C parser: several times faster on a large config
+    class _CLoader(_UniqueKeys, yaml.CSafeLoader):
+        pass
+
+    _LOADER = _CLoader
+
+
 def _load_yaml(text: str, where: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_LOADER)  # a SafeLoader: plain data only
     except RecursionError:
         raise ConfigError(where, text[:40], "YAML nested too deeply") from None
     except yaml.YAMLError as exc:
@@ -420,13 +515,6 @@ def _load_yaml(text: str, where: str) -> Any:
         line = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(where, text[:40], f"invalid YAML{line}: {problem}") from None
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(path.name, f"byte {exc.start}", "not valid UTF-8") from None
 
 
 def _expect(ok: bool, key_path: str, value: object, problem: str) -> None:
@@ -573,5 +661,5 @@ def _system_dir(path: str) -> str | None:
 
 
 def _short(value: object) -> object:
-    text = repr(value)
+    text = _REPR.repr(value)  # bounded: a value can be nested 1000 deep
     return value if len(text) <= 60 else text[:57] + "..."

@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.config import DEFAULT_BLOCK_CLEANER, ConfigError, load_config, parse_config
+from agent.config import (
+    DEFAULT_BLOCK_CLEANER,
+    MAX_CONFIG_BYTES,
+    MAX_WARNINGS,
+    ConfigError,
+    fingerprint,
+    load_config,
+    parse_config,
+)
 
 MINIMAL = {"storageClassMap": {"local-storage": {"hostDir": "/mnt/disks"}}}
 
@@ -276,10 +284,10 @@ def test_shared_or_nested_dirs_warn_naming_both_classes(
 
 
 def test_many_overlapping_classes_one_warning_each() -> None:
-    same = {f"c{i}": {"hostDir": "/mnt/d"} for i in range(200)}
-    assert len(parse_config({"storageClassMap": same}).warnings) == 199
-    chain = {f"c{i}": {"hostDir": "/mnt" + "/d" * i} for i in range(200)}
-    assert len(parse_config({"storageClassMap": chain}).warnings) == 199
+    same = {f"c{i}": {"hostDir": "/mnt/d"} for i in range(60)}
+    assert len(parse_config({"storageClassMap": same}).warnings) == 59
+    chain = {f"c{i}": {"hostDir": "/mnt" + "/d" * i} for i in range(60)}
+    assert len(parse_config({"storageClassMap": chain}).warnings) == 59
 
 
 @pytest.mark.parametrize("value", ["0", 0, "0s", "0h0m", 0.0, "-0"])
@@ -352,3 +360,109 @@ def test_use_alpha_api_warns_that_it_is_ignored(value: object, warns: bool) -> N
     if warns:
         assert "volume.alpha.kubernetes.io/node-affinity" in config.warnings[0]
         assert "spec.nodeAffinity" in config.warnings[0]
+
+
+def test_warnings_are_capped() -> None:
+    config = parse_config({**MINIMAL, **{f"unknown{i}": 1 for i in range(500)}})
+    assert len(config.warnings) == MAX_WARNINGS
+    assert config.warnings[-1] == "... and 401 more warnings like these"
+
+
+def test_two_mib_file_rejected_by_size_before_parsing(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    # Invalid YAML up front: any parse would fail with "invalid YAML" instead.
+    path.write_text("storageClassMap: [unclosed\n" + "#" * (2 << 20))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.key_path == str(path)
+    assert caught.value.value == path.stat().st_size
+    assert "over the 1 MiB limit (1048576 bytes" in str(caught.value)
+    assert "nothing was parsed" in str(caught.value)
+
+
+def test_configmap_directory_size_counts_all_keys(tmp_path: Path) -> None:
+    (tmp_path / "storageClassMap").write_text("sc1:\n  hostDir: /mnt/disks\n")
+    (tmp_path / "labelsForPV").write_text("a: [unclosed\n" + "#" * (600 << 10))
+    (tmp_path / "nodeLabelsForPV").write_text("#" * (600 << 10))
+    with pytest.raises(ConfigError, match=r"keys and values hold \d+ bytes, over the 1 MiB"):
+        load_config(tmp_path)
+    (tmp_path / "nodeLabelsForPV").unlink()  # one 600 KiB file alone is within the limit
+    with pytest.raises(ConfigError, match=r"^labelsForPV: invalid YAML"):
+        load_config(tmp_path)
+
+
+def test_config_of_exactly_the_limit_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    head = "storageClassMap:\n  sc1:\n    hostDir: /mnt/disks\n"
+    path.write_text(head + "#" * (MAX_CONFIG_BYTES - len(head)))
+    assert [c.name for c in load_config(path).classes] == ["sc1"]
+    path.write_text(head + "#" * (MAX_CONFIG_BYTES - len(head) + 1))
+    with pytest.raises(ConfigError, match="over the 1 MiB limit"):
+        load_config(path)
+
+
+def test_class_count_is_capped(tmp_path: Path) -> None:
+    classes = {f"c{i}": {"hostDir": f"/mnt/d{i}"} for i in range(300_000)}
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"storageClassMap": classes})
+    assert caught.value.key_path == "storageClassMap" and caught.value.value == 300_000
+    assert "300000 storage classes, over the limit of 1000" in str(caught.value)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"storageClassMap": dict(list(classes.items())[:1000])}))
+    assert len(load_config(path).classes) == 1000
+
+
+@pytest.mark.parametrize(("text", "key", "line", "first"), [
+    ("storageClassMap:\n  sc1:\n    hostDir: /mnt/a\n    hostDir: /mnt/b\n", "'hostDir'", 4, 3),
+    ("storageClassMap:\n  sc1: {hostDir: /mnt/a}\n  sc1: {hostDir: /mnt/b}\n", "'sc1'", 3, 2),
+    ("setPVOwnerRef: true\nstorageClassMap: {}\nsetPVOwnerRef: false\n", "'setPVOwnerRef'", 3, 1),
+    ("labelsForPV: {a: x, b: y, a: z}\n", "'a'", 1, 1),
+])
+def test_duplicate_yaml_keys_are_errors(
+    tmp_path: Path, text: str, key: str, line: int, first: int
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.key_path == str(path)
+    assert (f"invalid YAML at line {line}: found duplicate key {key} (first at line {first})"
+            in str(caught.value))
+
+
+def test_duplicate_key_in_a_configmap_file_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "storageClassMap").write_text("sc1:\n  hostDir: /mnt/a\nsc1:\n  hostDir: /b\n")
+    with pytest.raises(ConfigError, match=r"^storageClassMap: invalid YAML at line 3: found "
+                                          r"duplicate key 'sc1' \(first at line 1\)"):
+        load_config(tmp_path)
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("storageClassMap:\n  base: &base {hostDir: /mnt/a, volumeMode: Block}\n"
+                    "  sc1:\n    <<: *base\n    hostDir: /mnt/b\n")
+    config = load_config(path)
+    cls = config.storage_class("sc1")
+    assert cls is not None and (cls.host_dir, cls.volume_mode) == ("/mnt/b", "Block")
+
+
+def test_error_messages_stay_short_for_huge_values() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(one_class(hostDir="/mnt/" + "a" * 900_000))
+    assert len(str(caught.value)) < 400 and caught.value.key_path == "storageClassMap.sc1.hostDir"
+    nested: list[object] = []
+    for _ in range(5000):
+        nested = [nested]
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"minResyncPeriod": nested})
+    assert len(str(caught.value)) < 400
+
+
+def test_fingerprint_reads_a_bounded_prefix_and_the_size(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"#" * (3 << 20))
+    before = fingerprint(path)
+    path.write_bytes(b"#" * ((3 << 20) + 1))
+    assert fingerprint(path) != before
+    path.write_bytes(b"storageClassMap: {}\n")
+    assert fingerprint(path) != before and fingerprint(path) == fingerprint(path)
