@@ -5,6 +5,10 @@ working: either a directory with one YAML fragment per key (the ConfigMap mounte
 or one YAML file holding the same keys. Everything is validated up front, and every error names
 the key path and the bad value, because a typo in a ConfigMap is the most common way to lose a
 node's volumes.
+
+The config is untrusted input: it is size-capped before parsing, duplicate YAML keys are errors,
+discovery directories must be clean absolute paths outside system directories, and every check
+stays linear in the config's size.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ CLASS_KEYS = (
     "fsType",
     "namePattern",
     "selector",
+    # The agent's own key (a system directory as hostDir/mountDir). The upstream decodes its
+    # config non-strictly and ignores keys it does not know, so a shared ConfigMap still works.
     "allowSystemDir",
 )
 TOP_KEYS = (
@@ -255,13 +261,14 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
             "node); this agent always writes spec.nodeAffinity")
     _expect(isinstance(taint_key, str), "provisionerNotReadyNodeTaintKey", taint_key,
             "must be a string")
+    min_resync = _duration(raw.get("minResyncPeriod"), "minResyncPeriod", warnings)
     return Config(
         classes=tuple(classes),
         node_labels_for_pv=tuple(node_labels),
         labels_for_pv=tuple(sorted(labels.items())),
         set_pv_owner_ref=_bool(raw.get("setPVOwnerRef"), "setPVOwnerRef"),
         use_node_name_only=_bool(raw.get("useNodeNameOnly"), "useNodeNameOnly"),
-        min_resync_period=_duration(raw.get("minResyncPeriod"), "minResyncPeriod", warnings),
+        min_resync_period=min_resync,
         use_job_for_cleaning=_bool(raw.get("useJobForCleaning"), "useJobForCleaning"),
         job_tolerations=tuple(tolerations),
         remove_node_not_ready_taint=_bool(
