@@ -19,19 +19,21 @@ import json
 import logging
 import os
 import posixpath
+import queue
 import shutil
 import signal
 import stat
 import struct
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.discovery import parse_mountinfo
+from agent.identity import Match, compare
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +68,17 @@ class FsReport:
 
 def clean_filesystem(root: str, device: int, skip: Iterable[str] = (),
                      stop: threading.Event | None = None,
-                     deadline: float = float("inf")) -> FsReport:
+                     deadline: float = float("inf"), root_fd: int | None = None) -> FsReport:
     """Remove everything inside the mount point `root`, keeping `root` itself.
 
     `device` is the st_dev the volume must have; `skip` are absolute paths of mounts nested in
     it (from the mount table), which are left alone, as is any directory that is a mount point
     (another device, or a bind mount of this one). Raises CleanError when anything is left,
-    listing it, and when `stop` is set or the monotonic `deadline` passes.
+    listing it, and when `stop` is set or the monotonic `deadline` passes. With `root_fd`,
+    the directory already open there is cleaned (`root` only names it).
     """
     walk = _Walk(device, {posixpath.normpath(p) for p in skip}, stop, deadline)
-    fd = os.open(root, DIR_FLAGS)
+    fd = os.dup(root_fd) if root_fd is not None else os.open(root, DIR_FLAGS)
     try:
         st = os.fstat(fd)
         if st.st_dev != device:
@@ -256,74 +259,151 @@ def _clear_flags(fd: int) -> bool:
 
 
 def run_block_cleaner(command: Sequence[str], device: str, timeout: float,
-                      label: str, stop: threading.Event | None = None) -> None:
-    """Run a block cleaner with LOCAL_PV_BLKDEVICE set, at idle I/O priority, streaming its
-    output to the log; kill its whole process group on timeout."""
-    argv = list(command)
-    if shutil.which("ionice"):
-        argv = ["ionice", "-c", "3", *argv]
-    if shutil.which("setpriv"):  # the cleaner dies with the agent: a restart never races it
-        argv = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
-    env = {**os.environ, "LOCAL_PV_BLKDEVICE": device}
+                      label: str, stop: Callable[[], str] | None = None) -> None:
+    """Run a block cleaner with LOCAL_PV_BLKDEVICE set (see `_run_child`)."""
     log.info("clean %s: running %s on %s", label, " ".join(command), device)
-    try:
-        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    except OSError as exc:
-        raise CleanError(f"cannot run {command[0]}: {exc.strerror or exc}") from None
-    assert proc.stdout is not None
-    stream = proc.stdout
-
-    def pump() -> None:
-        for line in stream:
-            log.info("clean %s: %s", label, line.decode(errors="replace").rstrip())
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    deadline = time.monotonic() + timeout
-    try:
-        while (code := proc.poll()) is None:
-            if stop is not None and stop.is_set():
-                raise CleanError(f"{command[0]} stopped with the agent; the clean resumes "
-                                 "after its restart")
-            if time.monotonic() > deadline:
-                raise CleanError(f"{command[0]} did not finish within {timeout:g}s; killed")
-            time.sleep(0.2)
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        reader.join(5)
+    code, _ = _run_child(list(command), {**os.environ, "LOCAL_PV_BLKDEVICE": device},
+                         timeout, label, stop)
     if code != 0:
         raise CleanError(f"{command[0]} exited with status {code}")
 
 
+def run_filesystem_cleaner(root_fd: int, root: str, device: int, skip: Sequence[str],
+                           timeout: float, label: str,
+                           stop: Callable[[], str] | None = None) -> str:
+    """Empty the directory open as `root_fd` in a child process (`python -m agent.cleaner`).
+
+    A child, not a thread: a thread blocked on a frozen or hung filesystem is in an
+    uninterruptible sleep that no signal ends, and it would hold the whole agent's exit with
+    it. A child can be killed and left behind; it dies when the filesystem answers again.
+    """
+    argv = [sys.executable, "-m", "agent.cleaner", "--fd", str(root_fd), "--root", root,
+            "--device", str(device), *[a for s in skip for a in ("--skip", s)]]
+    code, lines = _run_child(argv, dict(os.environ), timeout, label, stop, pass_fds=(root_fd,))
+    results = [line[len(RESULT):] for line in lines if line.startswith(RESULT)]
+    if not results:
+        raise CleanError(f"the filesystem cleaner exited with status {code} without a result")
+    result = json.loads(results[-1])
+    if code != 0 or not result.get("ok"):
+        raise CleanError(str(result.get("detail", f"exit status {code}")))
+    return str(result.get("detail", ""))
+
+
+RESULT = "localpv-agent-clean-result: "
+
+
+def _run_child(argv: list[str], env: dict[str, str], timeout: float, label: str,
+               stop: Callable[[], str] | None, pass_fds: Sequence[int] = ()
+               ) -> tuple[int, list[str]]:
+    """Run a cleaner process at idle I/O priority, dying with the agent, its output streamed
+    to the log. `stop` returns why to end it early ("" to go on): its whole process group is
+    killed, as on timeout, and never waited for without a bound."""
+    if shutil.which("ionice"):
+        argv = ["ionice", "-c", "3", *argv]
+    if shutil.which("setpriv"):  # the cleaner dies with the agent: a restart never races it
+        argv = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
+    try:
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                pass_fds=tuple(pass_fds))
+    except OSError as exc:
+        raise CleanError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
+    assert proc.stdout is not None
+    stream = proc.stdout
+    lines: list[str] = []
+
+    def pump() -> None:
+        for raw in stream:
+            line = raw.decode(errors="replace").rstrip()
+            lines.append(line)
+            if not line.startswith(RESULT):
+                log.info("clean %s: %s", label, line)
+
+    reader = threading.Thread(target=pump, name=f"clean-output {label}", daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while (code := proc.poll()) is None:
+            why = stop() if stop is not None else ""
+            if why:
+                raise CleanError(why)
+            if time.monotonic() > deadline:
+                raise CleanError(f"the cleaner did not finish within {timeout:g}s; killed")
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(2)  # a child stuck on a frozen disk dies only when it thaws
+        reader.join(2)
+        if not reader.is_alive():  # else a stuck child still holds the pipe: leave it be
+            stream.close()
+    return code, lines
+
+
+def _child_main(argv: Sequence[str]) -> int:
+    """`python -m agent.cleaner`: the filesystem clean of `run_filesystem_cleaner`."""
+    import argparse  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(prog="python -m agent.cleaner")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--device", type=int, required=True)
+    parser.add_argument("--skip", action="append", default=[])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+    try:
+        report = clean_filesystem(args.root, args.device, args.skip, root_fd=args.fd)
+    except (CleanError, OSError) as exc:
+        print(RESULT + json.dumps({"ok": False, "detail": str(exc)}), flush=True)
+        return 1
+    print(RESULT + json.dumps({"ok": True, "detail": report.summary()}), flush=True)
+    return 0
+
+
 class DirtyStore:
-    """Host paths of volumes that held a tenant's data and are not cleaned yet.
+    """Host paths of volumes that held a tenant's data and are not cleaned yet, each with the
+    identity of the disk that held it.
 
     Kept on the host (the state dir), not on the PV: it must survive the PV being deleted.
+    Read from the directory on every call, so agent instances sharing it (a twin during a
+    rollout) see each other's marks and clears at once.
     """
 
     def __init__(self, state_dir: str) -> None:
         self.dir = Path(state_dir, "dirty")
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._paths: dict[str, dict[str, str]] = {}
-        for f in self.dir.glob("*.json"):
+        self._warned: set[str] = set()
+
+    def records(self) -> dict[str, DirtyRecord]:
+        found: dict[str, DirtyRecord] = {}
+        for f in sorted(self.dir.glob("*.json")):
             try:
-                record = json.loads(f.read_text())
-                self._paths[record["path"]] = record
-            except (OSError, ValueError, KeyError):
-                log.warning("ignoring unreadable dirty-volume record %s", f)
+                raw = json.loads(f.read_text())
+                identity = raw.get("identity")
+                found[str(raw["path"])] = DirtyRecord(
+                    str(raw["path"]), str(raw.get("pv", "")), str(raw.get("since", "")),
+                    {str(k): str(v) for k, v in identity.items()}
+                    if isinstance(identity, dict) else None)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                if f.name not in self._warned:  # a corrupt record still marks nothing clean
+                    self._warned.add(f.name)
+                    log.warning("unreadable dirty-volume record %s; its volume is unknown to "
+                                "the agent: check it by hand", f)
+        return found
 
     def paths(self) -> frozenset[str]:
-        return frozenset(self._paths)
+        return frozenset(self.records())
 
-    def mark(self, path: str, pv_name: str) -> None:
-        if path in self._paths:
+    def get(self, path: str) -> DirtyRecord | None:
+        return self.records().get(path)
+
+    def mark(self, path: str, pv_name: str, identity: Mapping[str, str]) -> None:
+        if self._file(path).exists():
             return
-        record = {"path": path, "pv": pv_name, "since": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                       time.gmtime())}
+        record = {"path": path, "pv": pv_name, "identity": dict(identity),
+                  "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         tmp = self._file(path).with_suffix(".tmp")
         with tmp.open("w") as f:
             f.write(json.dumps(record))
@@ -335,22 +415,28 @@ class DirtyStore:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-        self._paths[path] = record
         log.info("volume %s holds data of PV %s: it is cleaned before being offered again",
                  path, pv_name)
-
-    def pv_name(self, path: str) -> str:
-        """The PV that made the volume dirty, as recorded."""
-        return str(self._paths.get(path, {}).get("pv", ""))
 
     def clear(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._file(path).unlink()
-        self._paths.pop(path, None)
+
+    def file_of(self, path: str) -> Path:
+        """Where a volume's record lives (for the manual step an operator may have to take)."""
+        return self._file(path)
 
     def _file(self, path: str) -> Path:
         digest = hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()
         return self.dir / f"{digest[:32]}.json"
+
+
+@dataclass(frozen=True)
+class DirtyRecord:
+    path: str
+    pv: str
+    since: str
+    identity: Mapping[str, str] | None  # None: written before identities were recorded
 
 
 @dataclass(frozen=True)
@@ -367,6 +453,7 @@ class CleanJob:
     mount_dir: str  # the class's mountDir (resolved): cleaning never leaves it
     device: str  # "major:minor" the volume must still be
     command: tuple[str, ...]
+    identity: Mapping[str, str] = field(default_factory=dict)  # recorded: checked before wiping
     nested_mounts: tuple[str, ...] = ()
     capacity_bytes: int = 0
     via_job: bool = False  # cleaned by a Kubernetes Job (useJobForCleaning)
@@ -379,128 +466,237 @@ class CleanOutcome:
     seconds: float
     detail: str
     busy: bool = False  # not attempted: another instance is cleaning it
+    disk_changed: bool = False  # not attempted: a different disk is at the path
+
+
+class DiskChangedError(CleanError):
+    """The disk at the path is not the one recorded: nothing was touched."""
+
+
+class VolumeLock:
+    """A host-wide lock per volume (a lock file in the state dir, which every agent instance
+    of the node shares): two agents never clean one volume at once, with a PV or without."""
+
+    def __init__(self, lock_dir: Path | None, key: str) -> None:
+        self.key = key
+        self._fd: int | None = None
+        if lock_dir is None:
+            return
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        fd = os.open(lock_dir / f"{digest}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise VolumeBusyError(key) from None
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the lock
+            self._fd = None
+
+
+@dataclass
+class _Running:
+    job: CleanJob
+    lock: VolumeLock
+    cancelled: str = ""  # why the clean must end, once it must
 
 
 class Cleaner:
-    """Runs cleanings on a bounded pool; finished outcomes wait for the loop to collect."""
+    """Runs cleanings on a bounded set of workers; each volume's lock is held from the
+    decision (`lock`) until the loop has acted on the outcome (`release`).
 
-    def __init__(self, concurrency: int = 2, timeout: float = 6 * 3600.0,
+    Right before the first byte is removed, a worker re-checks under the lock what the
+    decision assumed: `confirm` (the PV, or its absence, as decided; raises CleanError when
+    not) and `identify` (the identity of the disk at the path now, read from the device).
+    """
+
+    def __init__(self, concurrency: int = 2, timeout: float = 6 * 3600.0, *,
+                 identify: Callable[[CleanJob], Mapping[str, str]],
+                 confirm: Callable[[CleanJob], None] | None = None,
                  on_done: Callable[[], None] | None = None,
                  mountinfo: str = "/proc/self/mountinfo",
                  lock_dir: str | None = None) -> None:
         self.timeout = timeout
+        self.identify = identify
+        self.confirm = confirm
         self.on_done = on_done
         self.mountinfo = mountinfo
         self.lock_dir = Path(lock_dir) if lock_dir else None
-        self._stop = threading.Event()
-        self._pool = ThreadPoolExecutor(max_workers=max(1, concurrency),
-                                        thread_name_prefix="clean")
+        self._stopping = False
+        self._queue: queue.SimpleQueue[CleanJob | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._running: dict[str, CleanJob] = {}
+        self._running: dict[str, _Running] = {}
         self._done: list[CleanOutcome] = []
+        # Daemon threads: a worker stuck on a sick disk must never hold the agent's exit.
+        self._workers = [threading.Thread(target=self._work, name=f"clean-{i}", daemon=True)
+                         for i in range(max(1, concurrency))]
+        for worker in self._workers:
+            worker.start()
 
     def running(self) -> frozenset[str]:
         with self._lock:
             return frozenset(self._running)
 
-    def submit(self, job: CleanJob) -> bool:
+    def lock(self, key: str) -> VolumeLock | None:
+        """Take the volume's lock now, at the decision; None when another instance holds it."""
+        try:
+            return VolumeLock(self.lock_dir, key)
+        except VolumeBusyError:
+            return None
+
+    def submit(self, job: CleanJob, lock: VolumeLock | None = None) -> bool:
+        """Queue a clean; the lock (taken here when not given) passes to the cleaner."""
         with self._lock:
-            if job.key in self._running:
+            if job.key in self._running or self._stopping:
+                if lock is not None:
+                    lock.release()
                 return False
-            self._running[job.key] = job
-        future: Future[CleanOutcome] = self._pool.submit(self._clean, job)
-        future.add_done_callback(self._finished)
+        if lock is None:
+            lock = self.lock(job.key)
+            if lock is None:
+                log.info("clean %s: another agent on this node is cleaning it", job.key)
+                self._finish(CleanOutcome(job, False, 0.0, "busy", busy=True))
+                return True
+        with self._lock:
+            self._running[job.key] = _Running(job, lock)
+        self._queue.put(job)
         return True
 
+    def cancel(self, key: str, why: str) -> None:
+        """End the clean of a volume, queued or running (a different disk is there now)."""
+        with self._lock:
+            entry = self._running.get(key)
+            if entry is not None and not entry.cancelled:
+                entry.cancelled = why
+                log.warning("clean %s cancelled: %s", key, why)
+
     def collect(self) -> list[CleanOutcome]:
-        """Finished outcomes; only now do their volumes stop counting as being cleaned, so a
-        pass never sees a volume neither running nor finished."""
+        """Finished outcomes. Their volumes stay locked and count as being cleaned until
+        `release`, so a pass never sees a volume neither running nor finished."""
         with self._lock:
             done, self._done = self._done, []
-            for outcome in done:
-                self._running.pop(outcome.job.key, None)
             return done
 
-    def shutdown(self) -> None:
-        """Stop: running cleans end (block cleaners are killed) and resume after a restart."""
-        self._stop.set()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def release(self, key: str) -> None:
+        """The loop has acted on the outcome (PV deleted, dirty record cleared, or failure
+        recorded): the volume may be decided on again."""
+        with self._lock:
+            entry = self._running.pop(key, None)
+        if entry is not None:
+            entry.lock.release()
 
-    def _finished(self, future: Future[CleanOutcome]) -> None:
-        outcome = future.result()
+    def shutdown(self) -> None:
+        """Stop: running cleans end (their processes are killed) and resume after a restart.
+        Never waits for a worker stuck on a disk."""
+        with self._lock:
+            self._stopping = True
+        for _ in self._workers:
+            self._queue.put(None)
+        deadline = time.monotonic() + 1.5
+        for worker in self._workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+
+    def _stop_reason(self, key: str) -> str:
+        with self._lock:
+            if self._stopping:
+                return "stopped with the agent; the clean resumes after its restart"
+            entry = self._running.get(key)
+            return entry.cancelled if entry is not None else "no longer wanted"
+
+    def _work(self) -> None:
+        while (job := self._queue.get()) is not None:
+            outcome = self._clean(job)
+            self._finish(outcome)
+
+    def _finish(self, outcome: CleanOutcome) -> None:
         with self._lock:
             self._done.append(outcome)
         if self.on_done is not None:
-            self._notify_safely(self.on_done)
-
-    @staticmethod
-    def _notify_safely(callback: Callable[[], None]) -> None:
-        try:
-            callback()
-        except Exception:
-            log.exception("clean completion callback failed")
+            try:
+                self.on_done()
+            except Exception:
+                log.exception("clean completion callback failed")
 
     def _clean(self, job: CleanJob) -> CleanOutcome:
         started = time.monotonic()
         label = job.pv_name or job.key
+
+        def failed(detail: str, **flags: bool) -> CleanOutcome:
+            return CleanOutcome(job, False, time.monotonic() - started, detail, **flags)
+
         try:
-            with self._volume_lock(job.key):
-                detail = self._verify_and_clean(job, label)
-        except VolumeBusyError:
-            log.info("clean %s: another agent on this node is cleaning it", label)
-            return CleanOutcome(job, False, time.monotonic() - started, "busy", busy=True)
+            if why := self._stop_reason(job.key):
+                raise CleanError(why)
+            if self.confirm is not None:
+                self.confirm(job)  # the decision still holds, checked under the lock
+            detail = self._verify_and_clean(job, label)
+        except DiskChangedError as exc:
+            log.warning("clean %s not started: %s", label, exc)
+            return failed(str(exc), disk_changed=True)
         except (CleanError, OSError) as exc:
             log.warning("clean %s failed: %s", label, exc)
-            return CleanOutcome(job, False, time.monotonic() - started, str(exc))
+            return failed(str(exc))
         except Exception as exc:  # a bug must fail this clean, not the worker
             log.exception("clean %s crashed", label)
-            return CleanOutcome(job, False, time.monotonic() - started, repr(exc))
+            return failed(repr(exc))
         log.info("clean %s done: %s", label, detail)
         return CleanOutcome(job, True, time.monotonic() - started, detail)
 
-    @contextlib.contextmanager
-    def _volume_lock(self, key: str) -> Iterator[None]:
-        """A host-wide lock per volume (a lock file in the state dir, which every agent
-        instance of the node shares): two agents never clean one volume at once, whether it
-        has a PV or not."""
-        if self.lock_dir is None:
-            yield
-            return
-        self.lock_dir.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-        fd = os.open(self.lock_dir / f"{digest}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                     0o600)
+    def check_identity(self, job: CleanJob) -> None:
+        """The disk at the path now, read from the device itself, is the one recorded."""
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise VolumeBusyError(key) from None
-            yield
-        finally:
-            os.close(fd)  # closing releases the lock
+            observed = self.identify(job)
+        except Exception as exc:  # a hung or vanished disk: never wipe on a guess
+            raise CleanError(f"cannot read the identity of the disk at {job.container_path}: "
+                             f"{exc or type(exc).__name__}; not cleaning") from None
+        verdict = compare(job.identity, observed, job.raw_device)
+        if verdict.match is Match.DIFFERENT:
+            raise DiskChangedError(f"a different disk is at {job.key} ({verdict.describe()}); "
+                                   "it is not cleaned")
+        if verdict.match is Match.UNKNOWN:
+            raise CleanError(f"the disk at {job.key} cannot be recognised (recorded: "
+                             f"{dict(job.identity) or 'nothing'}; found: "
+                             f"{dict(observed) or 'nothing'}); not cleaning it automatically")
 
     def _verify_and_clean(self, job: CleanJob, label: str) -> str:
         path = posixpath.normpath(job.container_path)
         parent = posixpath.dirname(path)
         if parent != posixpath.normpath(job.mount_dir) or path == job.mount_dir:
             raise CleanError(f"{path} is not an entry of {job.mount_dir}; refusing to clean")
+
+        def stop() -> str:
+            return self._stop_reason(job.key)
+
         if job.raw_device:
             verify_block_device(path, job.device)
-            run_block_cleaner(job.command, path, self.timeout, label, self._stop)
+            self.check_identity(job)
+            run_block_cleaner(job.command, path, self.timeout, label, stop)
             return f"{job.command[0]} succeeded"
         real = os.path.realpath(path)  # an entry may be a link to a mount in the same dir
         if posixpath.dirname(real) != posixpath.normpath(job.mount_dir):
             raise CleanError(f"{path} leads to {real}, outside {job.mount_dir}; refusing")
-        st = os.lstat(real)
-        if not stat.S_ISDIR(st.st_mode) or _devno(st.st_dev) != job.device:
-            raise CleanError(f"{real} is no longer the mount of device {job.device}; refusing")
-        # The mount table now, not when the clean was decided: a mount may have appeared since.
-        with open(self.mountinfo, encoding="utf-8", errors="surrogateescape") as f:
-            nested = [m.mount_point for m in parse_mountinfo(f.read())
-                      if m.mount_point.startswith(real.rstrip("/") + "/")]
-        report = clean_filesystem(real, st.st_dev, [*job.nested_mounts, *nested],
-                                  self._stop, time.monotonic() + self.timeout)
-        return report.summary()
+        # Open the root first and check what is open: a swap of the disk at the path after
+        # this point cannot redirect the clean, which works on this descriptor alone.
+        root_fd = os.open(real, DIR_FLAGS)
+        try:
+            st = os.fstat(root_fd)
+            if not stat.S_ISDIR(st.st_mode) or _devno(st.st_dev) != job.device:
+                raise CleanError(f"{real} is no longer the mount of device {job.device}; "
+                                 "refusing")
+            self.check_identity(job)
+            # The mount table now, not when the clean was decided: a mount may have appeared.
+            with open(self.mountinfo, encoding="utf-8", errors="surrogateescape") as f:
+                nested = [m.mount_point for m in parse_mountinfo(f.read())
+                          if m.mount_point.startswith(real.rstrip("/") + "/")]
+            return run_filesystem_cleaner(root_fd, real, st.st_dev,
+                                          [*job.nested_mounts, *nested], self.timeout, label,
+                                          stop)
+        finally:
+            os.close(root_fd)
 
 
 def verify_block_device(path: str, device: str) -> None:
@@ -532,3 +728,7 @@ def capacity_breakdown(size_bytes: int) -> str:
     """The upstream's `capacity` label: size rounded up to a multiple of 500 GiB."""
     step = 500 << 30
     return f"{-(-size_bytes // step) * 500}G"
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

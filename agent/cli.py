@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -34,6 +34,7 @@ from agent.volumes import (
 )
 
 if TYPE_CHECKING:  # the run-only modules load lazily, so `scan` stays light
+    from agent.cleaner import Cleaner
     from agent.kube import Kube
     from agent.loop import Reconciler
     from agent.metrics import AgentSample
@@ -41,6 +42,8 @@ if TYPE_CHECKING:  # the run-only modules load lazily, so `scan` stays light
 log = logging.getLogger("localpv-agent")
 
 EXIT_OK, EXIT_UNREADABLE_DIR, EXIT_CONFIG = 0, 1, 2
+SHUTDOWN_GRACE = 2.0  # seconds the loop gets to finish its step on SIGTERM
+WEDGED_AFTER = 600.0  # seconds of failing passes (not the API's fault) before /healthz fails
 RECLAIM_POLICIES = ("Delete", "Retain", "Recycle")
 
 
@@ -72,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace, config: Config) -> int:
     """Keep this node's PVs in line with its disks until SIGTERM."""
     # Imported here so `scan` works without touching the API client at all.
-    from agent.cleaner import Cleaner, CleanOutcome, DirtyStore, capacity_breakdown  # noqa: PLC0415
+    from agent.cleaner import CleanOutcome, DirtyStore, capacity_breakdown  # noqa: PLC0415
     from agent.kube import Kube  # noqa: PLC0415
     from agent.loop import PassResult, Reconciler  # noqa: PLC0415
     from agent.metrics import HealthServer, Metrics, stalled_after  # noqa: PLC0415
@@ -82,8 +85,16 @@ def run(args: argparse.Namespace, config: Config) -> int:
               file=sys.stderr)
         return EXIT_CONFIG
     metrics = Metrics()
+    loop_progress: list[Callable[[], None]] = []
+
+    def observe_request(verb: str, outcome: str, seconds: float) -> None:
+        metrics.observe_request(verb, outcome, seconds)
+        if threading.current_thread().name == "reconcile":  # answered or failed in time
+            for note in loop_progress:
+                note()
+
     try:
-        kube = Kube(args.kubeconfig or None, observe=metrics.observe_request)
+        kube = Kube(args.kubeconfig or None, observe=observe_request)
     except Exception as exc:  # the client raises several unrelated types for a bad kubeconfig
         print(f"localpv-agent: cannot configure the API client: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -113,18 +124,19 @@ def run(args: argparse.Namespace, config: Config) -> int:
                             on_clean=on_clean, clean_stale_after=args.clean_stale_after,
                             clean_retry_base=args.clean_retry_base, config_path=args.config,
                             job_image=args.job_image, namespace=args.namespace)
-    reconciler.cleaner = Cleaner(args.clean_concurrency, args.clean_timeout,
-                                 on_done=lambda: reconciler.waker.wake("cleaner"),
-                                 mountinfo=args.mountinfo,
-                                 lock_dir=os.path.join(args.state_dir, "locks"))
+    loop_progress.append(reconciler.note_progress)
+    reconciler.cleaner = _cleaner(args, reconciler)
     metrics.watch_state(lambda: sample_state(reconciler, kube))
     _start_sources(reconciler, args)
     server = None
+    # Alive: the loop beat its heart (between passes, or an API call in a pass answered or
+    # failed) within a minute; an API that stalls makes calls fail in 30 s, not the loop.
+    alive = stalled_after(60.0, lambda: reconciler.state.heartbeat)
     if args.listen_address:
         try:
             server = HealthServer(
                 args.listen_address, metrics,
-                healthy=stalled_after(max(60.0, 3 * 5.0), lambda: reconciler.state.heartbeat),
+                healthy=lambda: alive() and not reconciler.wedged(WEDGED_AFTER),
                 ready=lambda: reconciler.state.first_sync_done and kube.reachable,
             )
         except (ValueError, OSError) as exc:  # a malformed address, or one taken or unknown
@@ -135,18 +147,43 @@ def run(args: argparse.Namespace, config: Config) -> int:
         if args.port_file:
             Path(args.port_file).write_text(f"{server.port}\n")
 
-    loop = threading.Thread(target=reconciler.run, name="reconcile")
+    _run_until_stopped(reconciler)
+    if server is not None:
+        server.stop()
+    log.info("stopped")
+    return EXIT_OK
+
+
+def _run_until_stopped(reconciler: Reconciler) -> None:
+    """Run the loop until SIGTERM, then stop within a few seconds whatever the API or the
+    disks do: cleaners are killed (their volumes stay dirty and resume after the restart) and
+    a loop stuck in a call is left behind, since every decision is made again anyway."""
+    # A daemon thread: a loop stuck in an API call or on a disk never holds the exit.
+    loop = threading.Thread(target=reconciler.run, name="reconcile", daemon=True)
     loop.start()
     signum = _wait_for_stop_signal(loop)
     if signum is not None:
         log.info("received %s, stopping", signal.Signals(signum).name)
     reconciler.shutdown()
-    loop.join()
-    reconciler.cleaner.shutdown()
-    if server is not None:
-        server.stop()
-    log.info("stopped")
-    return EXIT_OK
+    if reconciler.cleaner is not None:
+        reconciler.cleaner.shutdown()
+    loop.join(SHUTDOWN_GRACE)
+    if loop.is_alive():
+        log.warning("the loop did not stop within %gs (a hung API call or disk); exiting "
+                    "anyway", SHUTDOWN_GRACE)
+
+
+def _cleaner(args: argparse.Namespace, reconciler: Reconciler) -> Cleaner:
+    """The cleaner, checking under each volume's lock the reconciler's decision and the disk's
+    identity read from the device itself."""
+    from agent.cleaner import Cleaner  # noqa: PLC0415
+
+    reader = reconciler.reader
+    return Cleaner(args.clean_concurrency, args.clean_timeout,
+                   identify=lambda job: reader.read_identity(job.device),
+                   confirm=reconciler.confirm_clean,
+                   on_done=lambda: reconciler.waker.wake("cleaner"),
+                   mountinfo=args.mountinfo, lock_dir=os.path.join(args.state_dir, "locks"))
 
 
 def _wait_for_stop_signal(loop: threading.Thread) -> int | None:

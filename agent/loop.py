@@ -26,12 +26,15 @@ from agent.cleaner import (
     CleanError,
     CleanJob,
     CleanOutcome,
+    DirtyRecord,
     DirtyStore,
+    DiskChangedError,
     verify_block_device,
 )
 from agent.config import Config, ConfigError, fingerprint, load_config
-from agent.discovery import Discovery, HostSnapshot, HostView, Volume, discover
+from agent.discovery import Discovery, HostSnapshot, HostView, Volume, VolumeState, discover
 from agent.host import HostReader
+from agent.identity import Match, compare, identifiable, relevant_keys
 from agent.jobs import JobState, cleanup_job, job_failure, job_name, job_state
 from agent.kube import PV, ApiError, Kube
 from agent.plan import (
@@ -51,7 +54,15 @@ from agent.plan import (
     retry_delay,
 )
 from agent.sources import Waker
-from agent.volumes import MANAGED_BY_LABEL, ClassPolicy, NodeInfo, pv_manifest, pv_name
+from agent.volumes import (
+    MANAGED_BY_LABEL,
+    ClassPolicy,
+    NodeInfo,
+    identity_annotations,
+    identity_from_annotations,
+    pv_manifest,
+    pv_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +103,8 @@ class LoopState:
 
     heartbeat: float = field(default_factory=time.monotonic)
     first_sync_done: bool = False
+    failing_since: float | None = None  # monotonic start of a streak of failed passes
+    failing_for_api: bool = False  # the streak is the API's fault, not the agent's
     last_pass: PassResult | None = None
     passes: int = 0
 
@@ -203,6 +216,7 @@ class Reconciler:
         self._policies: dict[str, ClassPolicy | None] = {}
         self._emitted: set[str] = set()
         self._watcher: threading.Thread | None = None
+        self.held: dict[str, str] = {}  # dirty volumes neither cleaned nor offered -> why
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -228,26 +242,66 @@ class Reconciler:
                     log.warning("resync: %s", exc)
             try:
                 result = self.sync()
-            except (ApiError, OSError) as exc:
-                delay = backoff.next_delay()
+            except ApiError as exc:
+                delay = self._failed(backoff, api=True)
                 log.warning("pass failed, retrying in %.0fs: %s", delay, exc)
-                self._sleep(delay)
+                self._backoff_wait(delay)
+                continue
+            except OSError as exc:
+                delay = self._failed(backoff, api=False)
+                log.warning("pass failed, retrying in %.0fs: %s", delay, exc)
+                self._backoff_wait(delay)
                 continue
             except Exception:  # a bug must not stop every volume of the node: log, back off
-                delay = backoff.next_delay()
+                delay = self._failed(backoff, api=False)
                 log.exception("pass crashed, retrying in %.0fs", delay)
-                self._sleep(delay)
+                self._backoff_wait(delay)
                 continue
             if result.errors:
-                delay = backoff.next_delay()
+                delay = self._failed(backoff, api=True)
                 log.warning("%d API writes failed, retrying in %.0fs", result.errors, delay)
-                self._sleep(delay)
+                self._backoff_wait(delay)
                 continue
             backoff.reset()
+            self.state.failing_since = None
             deadline = next_resync
             if self.poll_period:
                 deadline = min(deadline, time.monotonic() + self.poll_period)
             self._wait_until(deadline)
+
+    def _failed(self, backoff: Backoff, api: bool) -> float:
+        """Record a failed pass; a long streak not caused by the API fails /healthz."""
+        if self.state.failing_since is None:
+            self.state.failing_since = time.monotonic()
+            self.state.failing_for_api = api
+        else:
+            self.state.failing_for_api = self.state.failing_for_api and api
+        return backoff.next_delay()
+
+    def wedged(self, bound: float) -> bool:
+        """Passes have failed for longer than `bound`, and not only because the API is away:
+        a restart may help, so liveness says so. An unreachable API never counts: restarting
+        every agent of a cluster during an API outage helps nobody."""
+        since = self.state.failing_since
+        return (since is not None and not self.state.failing_for_api
+                and time.monotonic() - since > bound)
+
+    def note_progress(self) -> None:
+        """The loop made progress (an API request answered or failed in time)."""
+        self.state.heartbeat = time.monotonic()
+
+    def _backoff_wait(self, delay: float) -> None:
+        """Wait out a backoff, still picking up config edits: a config that breaks every pass
+        is fixed by editing it, without a restart."""
+        deadline = time.monotonic() + delay
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            self.state.heartbeat = time.monotonic()
+            try:
+                if self._reload_config():
+                    return
+            except Exception:
+                log.exception("reloading the config failed")
+            self.stop.wait(min(1.0, max(0.0, deadline - time.monotonic())))
 
     def _start(self) -> None:
         self.node = self.kube.get_node(self.node_name)
@@ -281,32 +335,23 @@ class Reconciler:
         self._collect_cleanings()
         cached = self.cache.snapshot()
         ours = {n: pv for n, pv in cached.items() if is_this_nodes(pv, self.node)}
-        if self.dirty is not None:
-            for name, pv in ours.items():  # a claimed volume holds someone's data from now on
-                if (pv.get("spec") or {}).get("claimRef") and local_path(pv):
-                    self.dirty.mark(local_path(pv) or "", name)
-        snapshot = self.reader.snapshot(self.config)
-        keep = frozenset(p for p in map(local_path, ours.values()) if p)
-        found = discover(self.config, snapshot, keep)
-        view = HostView(self.config, snapshot, found)
-        states = {n: view.state(pv["spec"].get("storageClassName", ""), local_path(pv) or "")
-                  for n, pv in ours.items()}
+        snapshot, found, states = self._observe(ours)
+        volumes = {v.host_path: v for v in found.volumes}
+        errors = self._record_identities(ours, states, volumes)
+        self._mark_dirty(ours, volumes)
+        dirty = self.dirty.records() if self.dirty is not None else {}
+        cleanable = self._verified_dirty(dirty, volumes)
         recycling = recycle(
-            ours, states, frozenset(v.host_path for v in found.volumes),
-            self.dirty.paths() if self.dirty else frozenset(),
-            self._running_cleans(), time.time(),
-            {k: when for k, (when, _) in self._clean_retry.items()}, self.instance,
-            self.clean_stale_after)
-        desired = []
-        for volume in found.volumes:
-            if volume.host_path in recycling.hold:
-                continue  # holds a former tenant's data until it is cleaned
-            policy = self._policies.get(volume.class_name)
-            if policy is None:  # StorageClass missing: that class is disabled
-                continue
-            desired.append(pv_manifest(volume, self.node, self.config, policy))
+            ours, states, frozenset(volumes), frozenset(dirty), self._running_cleans(),
+            time.time(), {k: when for k, (when, _) in self._clean_retry.items()},
+            self.instance, self.clean_stale_after, cleanable)
+        desired = self._desired(found, recycling.hold)
         the_plan = plan(desired, cached, self.node, states, self.withdraw_missing)
-        result = PassResult(found, the_plan, woken_at=woken_at, cleaning=recycling.cleaning)
+        result = PassResult(found, the_plan, woken_at=woken_at, cleaning=recycling.cleaning,
+                            errors=errors)
+        if self.cleaner is not None:
+            for name in the_plan.changed_disk:  # never let queued or running work touch it
+                self.cleaner.cancel(local_path(cached[name]) or "", "a different disk is there")
         for adoption in the_plan.adopt:
             try:
                 self.cache.put(self.kube.patch_pv_labels(adoption.name, adoption.uid,
@@ -337,6 +382,141 @@ class Reconciler:
         if self.on_pass is not None:
             self.on_pass(result, time.monotonic() - started)
         return result
+
+    def _observe(self, ours: Mapping[str, PV]) -> tuple[
+            HostSnapshot, Discovery, dict[str, tuple[VolumeState, Mapping[str, str]]]]:
+        """The host now, and for each of this node's PVs whether its disk is there."""
+        snapshot = self.reader.snapshot(self.config)
+        keep = frozenset(p for p in map(local_path, ours.values()) if p)
+        found = discover(self.config, snapshot, keep)
+        view = HostView(self.config, snapshot, found)
+        volumes = {v.host_path: v for v in found.volumes}
+        states: dict[str, tuple[VolumeState, Mapping[str, str]]] = {}
+        for name, pv in ours.items():
+            state, observed = view.state(pv["spec"].get("storageClassName", ""),
+                                         local_path(pv) or "")
+            states[name] = (state, _comparable(observed, volumes.get(local_path(pv) or "")))
+        return snapshot, found, states
+
+    def _desired(self, found: Discovery, hold: frozenset[str]) -> list[dict[str, Any]]:
+        """The PVs the volumes should have. A class whose volumes cannot be turned into PVs
+        (a bug, or a config the checks missed) is left out alone, with an Event."""
+        desired = []
+        failed: dict[str, str] = {}
+        for volume in found.volumes:
+            if volume.host_path in hold:
+                continue  # holds a former tenant's data until it is cleaned
+            policy = self._policies.get(volume.class_name)
+            if policy is None or volume.class_name in failed:
+                continue  # StorageClass missing: that class is disabled
+            try:
+                desired.append(pv_manifest(volume, self.node, self.config, policy))
+            except Exception as exc:
+                log.exception("class %s: building the PV for %s failed", volume.class_name,
+                              volume.host_path)
+                failed[volume.class_name] = f"{type(exc).__name__}: {exc}"
+        self._notify([Notice("Node", self.node.name, "Warning", "ClassFailed",
+                             f"class {name} is skipped in this pass: {why}",
+                             key=f"class-failed/{name}") for name, why in failed.items()],
+                     scope="class-failed/")
+        return desired
+
+    def _record_identities(self, ours: Mapping[str, PV],
+                           states: Mapping[str, tuple[VolumeState, Mapping[str, str]]],
+                           volumes: Mapping[str, Volume]) -> int:
+        """Write the disk identity on PVs that lack one (adopted from the upstream, or made
+        before identities were recorded), from the disk present now, while the PV is
+        Available or Bound: a Released PV's disk may already be another one."""
+        errors = 0
+        for name, pv in sorted(ours.items()):
+            meta = pv["metadata"]
+            volume = volumes.get(local_path(pv) or "")
+            state, observed = states.get(name, (VolumeState.UNKNOWN, {}))
+            if ((pv.get("status") or {}).get("phase") not in ("Available", "Bound")
+                    or meta.get("deletionTimestamp") or volume is None
+                    or state is not VolumeState.PRESENT):
+                continue
+            raw = volume.is_block_device
+            recorded = identity_from_annotations(meta.get("annotations") or {})
+            if identifiable(recorded, raw) or not identifiable(volume.identity, raw) \
+                    or compare(recorded, observed, raw).match is Match.DIFFERENT:
+                continue
+            try:
+                self.cache.put(self.kube.patch_pv_annotations(
+                    name, meta.get("resourceVersion", ""),
+                    identity_annotations(volume.identity)))
+                log.info("recorded the identity of the disk of PV %s: %s", name,
+                         dict(volume.identity))
+            except ApiError as exc:
+                if exc.conflict:
+                    self._refresh(name)
+                else:
+                    errors += 1
+                    log.warning("recording the disk identity of PV %s: %s", name, exc)
+        return errors
+
+    def _mark_dirty(self, ours: Mapping[str, PV], volumes: Mapping[str, Volume]) -> None:
+        """A claimed volume holds someone's data from now on: remember it on the host, with
+        the identity of the disk that holds it."""
+        if self.dirty is None:
+            return
+        dirty = self.dirty.paths()
+        problems = []
+        for name, pv in sorted(ours.items()):
+            path = local_path(pv)
+            if not path or path in dirty or not (pv.get("spec") or {}).get("claimRef"):
+                continue
+            volume = volumes.get(path)
+            recorded = identity_from_annotations(pv["metadata"].get("annotations") or {})
+            raw = volume.is_block_device if volume else False
+            identity = recorded if identifiable(recorded, raw) or volume is None \
+                else {**recorded, **volume.identity}
+            try:
+                self.dirty.mark(path, name, identity)
+            except OSError as exc:  # other volumes go on; this one is reported until it works
+                problems.append(Notice(
+                    "Node", self.node.name, "Warning", "StateDirUnwritable",
+                    f"cannot record that {path} holds data of PV {name} in "
+                    f"{self.dirty.dir}: {exc.strerror or exc}", key=f"state-dir/{path}"))
+        self._notify(problems, scope="state-dir/")
+
+    def _verified_dirty(self, dirty: Mapping[str, DirtyRecord],
+                        volumes: Mapping[str, Volume]) -> frozenset[str]:
+        """Dirty volumes without a PV that may be cleaned: only where the disk there now is
+        the one the record names. Any other is held (never offered, never cleaned) and
+        reported, with the manual step that releases it."""
+        ok: set[str] = set()
+        notices = []
+        self.held = {}
+        for path, record in sorted(dirty.items()):
+            volume = volumes.get(path)
+            if volume is None:
+                continue
+            verdict = compare(record.identity or {}, volume.identity, volume.is_block_device)
+            if record.identity is not None and verdict.match is Match.SAME:
+                ok.add(path)
+                continue
+            manual = (f"once its contents are wiped or known to be disposable, delete "
+                      f"{self.dirty.file_of(path) if self.dirty else 'its record'} to offer it")
+            if verdict.match is Match.DIFFERENT:
+                if self.cleaner is not None:
+                    self.cleaner.cancel(path, "a different disk is there")
+                message = (f"a different disk is at {path} ({verdict.describe()}) than the one "
+                           f"that held the data of PV {record.pv}: it is neither cleaned nor "
+                           f"offered; {manual}")
+                reason = "DiskChanged"
+            else:
+                why = ("was recorded without the disk's identity"
+                       if record.identity is None else "names a disk that cannot be recognised")
+                message = (f"{path} held the data of PV {record.pv} (since {record.since}) and "
+                           f"its record {why}: it is neither cleaned nor offered "
+                           f"automatically; {manual}")
+                reason = "VolumeUnverified"
+            notices.append(Notice("Node", self.node.name, "Warning", reason, message,
+                                  key=f"dirty/{path}/{verdict.match}"))
+            self.held[path] = "disk_changed" if verdict.match is Match.DIFFERENT else "unverified"
+        self._notify(notices, scope="dirty/")
+        return frozenset(ok)
 
     def _create(self, manifest: Mapping[str, Any], result: PassResult) -> None:
         name, path = manifest["metadata"]["name"], manifest["spec"]["local"]["path"]
@@ -372,12 +552,38 @@ class Reconciler:
         real = os.path.realpath(volume.mount_path)
         nested = tuple(m.mount_point for m in snapshot.mounts
                        if m.mount_point.startswith(real.rstrip("/") + "/"))
+        if decision.pv_name is not None:
+            pv = self.cache.get(decision.pv_name) or {}
+            recorded = identity_from_annotations(
+                (pv.get("metadata") or {}).get("annotations") or {})
+        else:
+            record = self.dirty.get(decision.key) if self.dirty is not None else None
+            recorded = dict(record.identity or {}) if record is not None else {}
         job = CleanJob(
             key=decision.key, pv_name=decision.pv_name, pv_uid=decision.pv_uid,
             class_name=cls.name, mode=volume.volume_mode, raw_device=volume.is_block_device,
             container_path=volume.mount_path, mount_dir=mount_dir, device=volume.device,
-            command=cls.block_cleaner_command, nested_mounts=nested,
+            command=cls.block_cleaner_command, identity=recorded, nested_mounts=nested,
             capacity_bytes=volume.capacity_bytes)
+        # The volume's lock, from this decision until its outcome has been acted on.
+        lock = self.cleaner.lock(decision.key)
+        if lock is None:
+            log.info("not cleaning %s now: another agent on this node holds its lock",
+                     decision.key)
+            self.waker.wake_at(time.monotonic() + self.clean_stale_after / 3)
+            return
+        if not self._begin_clean(decision, job, result):
+            lock.release()
+            return
+        if self.cleaner.submit(job, lock):
+            log.info("cleaning %s (%s) for %s", decision.key,
+                     "block cleaner" if job.raw_device else "filesystem",
+                     f"released PV {decision.pv_name}" if decision.pv_name
+                     else "a volume whose PV was deleted before it was cleaned")
+
+    def _begin_clean(self, decision: CleanDecision, job: CleanJob, result: PassResult) -> bool:
+        """Record a PV's clean durably before it starts (a restart finds it and resumes);
+        hand a block volume to a cleaning Job when configured. False: do not clean here."""
         if decision.pv_name is not None:
             record = {"state": "running", "by": self.instance, "heartbeat": time.time(),
                       "attempts": decision.attempts,
@@ -392,25 +598,39 @@ class Reconciler:
                 else:
                     result.errors += 1
                 log.info("not cleaning PV %s now: %s", decision.pv_name, exc)
-                return
+                return False
             self._heartbeats[decision.pv_name] = time.monotonic()
-        if decision.pv_name is None and self._pv_exists_for(decision.key, volume):
-            return
-        if (self.config.use_job_for_cleaning and job.raw_device and decision.pv_name
-                and self._start_job(job)):
-            return
-        if self.cleaner.submit(job):
-            log.info("cleaning %s (%s) for %s", decision.key,
-                     "block cleaner" if job.raw_device else "filesystem",
-                     f"released PV {decision.pv_name}" if decision.pv_name
-                     else "a volume whose PV was deleted before it was cleaned")
+        return not (self.config.use_job_for_cleaning and job.raw_device and decision.pv_name
+                    and self._start_job(job))
 
-    def _pv_exists_for(self, path: str, volume: Volume) -> bool:
+    def confirm_clean(self, job: CleanJob) -> None:
+        """Called by a cleaning worker under the volume's lock, right before the first byte is
+        removed: the decision still holds. For a PV, it is the same object (UID) and still
+        Released; without a PV, none exists for the path and the volume is still dirty with
+        the same disk recorded. Raises CleanError otherwise."""
+        if job.pv_name is not None:
+            try:
+                current = self.kube.get_pv(job.pv_name)
+            except ApiError as exc:
+                raise CleanError(f"cannot re-read PV {job.pv_name}: {exc}") from None
+            meta = (current or {}).get("metadata") or {}
+            phase = ((current or {}).get("status") or {}).get("phase")
+            if current is None or meta.get("uid") != job.pv_uid or phase != "Released" \
+                    or meta.get("deletionTimestamp") or local_path(current) != job.key:
+                raise CleanError(f"PV {job.pv_name} is no longer the Released PV (uid "
+                                 f"{job.pv_uid}) the clean was decided for; not cleaning")
+            return
+        record = self.dirty.get(job.key) if self.dirty is not None else None
+        if record is None or dict(record.identity or {}) != dict(job.identity):
+            raise CleanError(f"{job.key} is no longer recorded as dirty with the same disk "
+                             "(another agent instance cleaned it?); not cleaning")
+        if self._pv_exists_for(job.key, job.class_name, record.pv):
+            raise CleanError(f"a PV exists for {job.key} again; not cleaning")
+
+    def _pv_exists_for(self, path: str, class_name: str, recorded_pv: str) -> bool:
         """Before cleaning a dirty volume that has no PV in the cache, ask the API itself: a
         PV whose labels were edited drops out of the watch but may still be bound and in use."""
-        names = {pv_name(volume.entry_name, self.node.name, volume.class_name)}
-        if self.dirty is not None:
-            names.add(self.dirty.pv_name(path))
+        names = {pv_name(posixpath.basename(path), self.node.name, class_name), recorded_pv}
         try:
             for name in sorted(n for n in names if n):
                 found = self.kube.get_pv(name)
@@ -442,7 +662,13 @@ class Reconciler:
             return False
         device = posixpath.join(cls.mount_dir, posixpath.basename(job.key))
         try:  # the Job's pod cannot tell a swapped or busy disk: check here, before it starts
+            self.confirm_clean(job)
             verify_block_device(job.container_path, job.device)
+            if self.cleaner is not None:
+                self.cleaner.check_identity(job)
+        except DiskChangedError as exc:
+            log.warning("not cleaning PV %s: %s", job.pv_name, exc)
+            return True
         except (CleanError, OSError) as exc:
             self._clean_failed(CleanOutcome(job, False, 0.0, str(exc)))
             return True
@@ -538,12 +764,18 @@ class Reconciler:
         if self.cleaner is None:
             return
         for outcome in self.cleaner.collect():
-            if self.on_clean is not None and not outcome.busy:
-                self.on_clean(outcome)
-            if outcome.ok:
-                self._clean_succeeded(outcome)
-            else:
-                self._clean_failed(outcome)
+            try:  # the lock is held until the outcome is acted on: the PV deleted, the
+                # dirty record cleared, or the failure recorded
+                if self.on_clean is not None and not (outcome.busy or outcome.disk_changed):
+                    self.on_clean(outcome)
+                if outcome.ok:
+                    self._clean_succeeded(outcome)
+                elif outcome.disk_changed:
+                    self.wake.set()  # the pass reports it; nothing was touched
+                else:
+                    self._clean_failed(outcome)
+            finally:
+                self.cleaner.release(outcome.job.key)
 
     def _clean_succeeded(self, outcome: CleanOutcome) -> None:
         job = outcome.job
@@ -845,3 +1077,10 @@ def _newer(a: PV, b: PV) -> bool:
         return False
     va, vb = a["metadata"].get("resourceVersion", ""), b["metadata"].get("resourceVersion", "")
     return va.isdigit() and vb.isdigit() and int(va) > int(vb)
+
+
+def _comparable(observed: Mapping[str, str], volume: Volume | None) -> dict[str, str]:
+    """The observed identity keys that can tell a disk apart: a raw device's filesystem UUID
+    is whatever its last tenant formatted, so only its hardware keys count."""
+    raw = volume.is_block_device if volume is not None else False
+    return {k: v for k, v in observed.items() if k in relevant_keys(raw)}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.discovery import Exclusion, VolumeState
+from agent.identity import Match, compare
 from agent.volumes import (
     ANNOTATION_PREFIX,
     HOSTNAME_LABEL,
@@ -296,11 +297,14 @@ def recycle(
     retry_at: Mapping[str, float] | None = None,
     me: str = "",
     stale_after: float = 60.0,
+    cleanable: frozenset[str] | None = None,
 ) -> Recycling:
     """Which released or dirty volumes to clean now, and which volumes not to offer.
 
     A Released PV with reclaim policy Delete is cleaned only when its disk is present and
-    unchanged. A dirty volume without a PV (deleted by hand) is cleaned before it is offered.
+    recognised as the one recorded on the PV (`states` holds the identities observed). A
+    dirty volume without a PV (deleted by hand) is held, and cleaned before it is offered
+    when it is in `cleanable` (its disk recognised as the recorded one; None: all).
     A clean recorded on the PV by another agent instance (`me` is this one) whose heartbeat is
     younger than `stale_after` is that instance's; an older one was interrupted and resumes.
     """
@@ -325,8 +329,20 @@ def recycle(
             continue
         path = local_path(pv) or ""
         state, identity = states.get(name, (VolumeState.UNKNOWN, {}))
-        if state is not VolumeState.PRESENT or _identity_changes(pv, identity):
-            continue  # missing or different disk: reported elsewhere, never cleaned
+        if state is not VolumeState.PRESENT:
+            continue  # missing: reported elsewhere, never cleaned
+        recorded = identity_from_annotations(meta.get("annotations") or {})
+        verdict = compare(recorded, identity, raw_device=False)  # `identity` holds what counts
+        if verdict.match is Match.DIFFERENT:
+            continue  # a different disk: reported as DiskChanged, never cleaned
+        if verdict.match is Match.UNKNOWN:
+            notices.append(Notice(
+                "PersistentVolume", name, "Warning", "VolumeUnverified",
+                f"the disk at {path!r} cannot be recognised as the one of this PV (recorded: "
+                f"{recorded or 'nothing'}; found: {dict(identity) or 'nothing'}), so it is not "
+                "cleaned automatically: wipe it by hand, then delete the PV",
+                key=f"unverified/{name}/{uid}", uid=uid))
+            continue
         record = cleaning_state(pv)
         if path in running:
             cleaning.add(name)
@@ -346,6 +362,8 @@ def recycle(
     hold = frozenset(p for p in dirty if p not in pv_paths)
     for path in sorted(hold & present):
         if path in running or (retry_at or {}).get(path, 0) > now:
+            continue
+        if cleanable is not None and path not in cleanable:
             continue
         decisions.append(CleanDecision(path, None))
     return Recycling(tuple(decisions), hold, frozenset(cleaning), tuple(notices),

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from agent.cleaner import CleanError, capacity_breakdown, clean_filesystem
+from agent.cleaner import (
+    Cleaner,
+    CleanError,
+    CleanJob,
+    CleanOutcome,
+    capacity_breakdown,
+    clean_filesystem,
+    run_filesystem_cleaner,
+)
 
 
 def test_removes_everything_inside_and_follows_no_link(tmp_path: Path) -> None:
@@ -70,52 +79,174 @@ def test_a_stop_request_ends_the_clean_before_touching_anything(tmp_path: Path) 
     assert (root / "d" / "f").exists()
 
 
-def test_a_finished_clean_counts_as_running_until_collected(tmp_path: Path) -> None:
-    """Otherwise a pass between the end of a clean and its collection would start another."""
-    from agent.cleaner import Cleaner, CleanJob  # noqa: PLC0415
+DISK = {"fs-uuid": "0f0e0d0c-aaaa-bbbb-cccc-000000000001"}
 
+
+def _volume(tmp_path: Path) -> tuple[Path, str]:
     volume = tmp_path / "disks" / "vol"
     volume.mkdir(parents=True)
     (volume / "data").write_text("x")
     st = os.stat(volume)
-    done = threading.Event()
-    cleaner = Cleaner(concurrency=1, on_done=done.set, mountinfo="/dev/null")
-    job = CleanJob(key="/mnt/disks/vol", pv_name=None, pv_uid="", class_name="c",
-                   mode="Filesystem", raw_device=False, container_path=str(volume),
-                   mount_dir=str(tmp_path / "disks"),
-                   device=f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}", command=("x",))
+    return volume, f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+
+
+def _job(tmp_path: Path, volume: Path, device: str, **kw: object) -> CleanJob:
+    fields: dict[str, object] = dict(
+        key="/mnt/disks/vol", pv_name=None, pv_uid="", class_name="c", mode="Filesystem",
+        raw_device=False, container_path=str(volume), mount_dir=str(tmp_path / "disks"),
+        device=device, command=("x",), identity=DISK)
+    fields.update(kw)
+    return CleanJob(**fields)  # type: ignore[arg-type]
+
+
+def _run(cleaner: Cleaner, job: CleanJob, done: threading.Event) -> CleanOutcome:
     assert cleaner.submit(job)
-    assert done.wait(10)
+    assert done.wait(30)
+    (outcome,) = cleaner.collect()
+    cleaner.release(job.key)
+    return outcome
+
+
+def test_a_finished_clean_counts_as_running_until_released(tmp_path: Path) -> None:
+    """Otherwise a pass between the end of a clean and acting on it would start another."""
+    volume, device = _volume(tmp_path)
+    done = threading.Event()
+    cleaner = Cleaner(concurrency=1, on_done=done.set, mountinfo="/dev/null",
+                      identify=lambda job: DISK)
+    job = _job(tmp_path, volume, device)
+    assert cleaner.submit(job)
+    assert done.wait(30)
     assert cleaner.running() == {"/mnt/disks/vol"}
     assert not cleaner.submit(job)  # no second clean of the same volume
     (outcome,) = cleaner.collect()
     assert outcome.ok and os.listdir(volume) == []
+    assert cleaner.running() == {"/mnt/disks/vol"}  # collected, not yet acted on
+    cleaner.release(job.key)
     assert cleaner.running() == frozenset()
     cleaner.shutdown()
+
+
+@pytest.mark.parametrize(("observed", "changed"), [
+    ({"fs-uuid": "11111111-2222-3333-4444-555555555555"}, True),  # another disk, same number
+    ({}, False),  # nothing readable: never wipe on a guess
+])
+def test_nothing_is_removed_from_a_disk_that_is_not_the_recorded_one(
+        tmp_path: Path, observed: dict[str, str], changed: bool) -> None:
+    volume, device = _volume(tmp_path)
+    done = threading.Event()
+    cleaner = Cleaner(on_done=done.set, mountinfo="/dev/null", identify=lambda job: observed)
+    outcome = _run(cleaner, _job(tmp_path, volume, device), done)
+    cleaner.shutdown()
+    assert not outcome.ok and outcome.disk_changed is changed
+    assert (volume / "data").read_text() == "x"
+
+
+def test_an_unreadable_identity_fails_the_clean_without_touching_it(tmp_path: Path) -> None:
+    volume, device = _volume(tmp_path)
+    done = threading.Event()
+
+    def hung(job: CleanJob) -> dict[str, str]:
+        raise TimeoutError("the device did not answer")
+
+    cleaner = Cleaner(on_done=done.set, mountinfo="/dev/null", identify=hung)
+    outcome = _run(cleaner, _job(tmp_path, volume, device), done)
+    cleaner.shutdown()
+    assert not outcome.ok and "did not answer" in outcome.detail
+    assert (volume / "data").exists()
+
+
+def test_a_decision_that_no_longer_holds_stops_the_clean(tmp_path: Path) -> None:
+    """`confirm` runs under the lock right before the first byte: a twin agent re-created
+    the PV meanwhile, say."""
+    volume, device = _volume(tmp_path)
+    done = threading.Event()
+
+    def confirm(job: CleanJob) -> None:
+        raise CleanError("a PV exists for it again")
+
+    cleaner = Cleaner(on_done=done.set, mountinfo="/dev/null", identify=lambda job: DISK,
+                      confirm=confirm)
+    outcome = _run(cleaner, _job(tmp_path, volume, device), done)
+    cleaner.shutdown()
+    assert not outcome.ok and "PV exists" in outcome.detail
+    assert (volume / "data").exists()
+
+
+def test_a_queued_clean_cancelled_for_a_new_disk_never_runs(tmp_path: Path) -> None:
+    """The regression: a clean queued behind busy workers, then the disk swapped."""
+    volume, device = _volume(tmp_path)
+    done = threading.Event()
+    gate = threading.Event()
+
+    def identify(job: CleanJob) -> dict[str, str]:
+        return DISK
+
+    def confirm(job: CleanJob) -> None:
+        if job.key == "/mnt/disks/busy":
+            gate.wait(30)  # keeps the only worker busy
+
+    cleaner = Cleaner(concurrency=1, on_done=done.set, mountinfo="/dev/null",
+                      identify=identify, confirm=confirm)
+    busy = _job(tmp_path, volume, device, key="/mnt/disks/busy", container_path="/nonexistent")
+    assert cleaner.submit(busy)
+    job = _job(tmp_path, volume, device)
+    assert cleaner.submit(job)
+    cleaner.cancel(job.key, "a different disk is there")
+    gate.set()
+    outcomes: list[CleanOutcome] = []
+    deadline = time.monotonic() + 30
+    while len(outcomes) < 2 and time.monotonic() < deadline:
+        done.wait(1)
+        done.clear()
+        outcomes += cleaner.collect()
+    cleaner.shutdown()
+    mine = next(o for o in outcomes if o.job.key == job.key)
+    assert not mine.ok and "different disk" in mine.detail
+    assert (volume / "data").read_text() == "x"
+
+
+def test_the_filesystem_clean_runs_in_a_child_process_on_the_open_directory(
+        tmp_path: Path) -> None:
+    """A child can be killed when a frozen filesystem blocks it; a thread could not."""
+    volume, _ = _volume(tmp_path)
+    (volume / "sub").mkdir()
+    (volume / "sub" / "f").write_text("y")
+    fd = os.open(volume, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        detail = run_filesystem_cleaner(fd, str(volume), os.fstat(fd).st_dev, [], 60, "t")
+    finally:
+        os.close(fd)
+    assert "removed 2 files and 1 directories" in detail
+    assert os.listdir(volume) == []
+
+
+def test_a_stopped_child_clean_is_killed_and_reported(tmp_path: Path) -> None:
+    volume, _ = _volume(tmp_path)
+    fd = os.open(volume, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(CleanError, match="stopping"):
+            run_filesystem_cleaner(fd, str(volume), os.fstat(fd).st_dev, [], 60, "t",
+                                   stop=lambda: "stopping")
+    finally:
+        os.close(fd)
 
 
 def test_a_volume_locked_by_another_agent_is_not_cleaned(tmp_path: Path) -> None:
     import fcntl  # noqa: PLC0415
     import hashlib  # noqa: PLC0415
 
-    from agent.cleaner import Cleaner, CleanJob  # noqa: PLC0415
-
-    volume = tmp_path / "disks" / "vol"
-    volume.mkdir(parents=True)
-    (volume / "data").write_text("x")
+    volume, device = _volume(tmp_path)
     locks = tmp_path / "state" / "locks"
     locks.mkdir(parents=True)
     digest = hashlib.sha256(b"/mnt/disks/vol").hexdigest()[:32]
     held = os.open(locks / f"{digest}.lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(held, fcntl.LOCK_EX)  # what a twin agent cleaning it holds
-    st = os.stat(volume)
     done = threading.Event()
-    cleaner = Cleaner(on_done=done.set, mountinfo="/dev/null", lock_dir=str(locks))
+    cleaner = Cleaner(on_done=done.set, mountinfo="/dev/null", lock_dir=str(locks),
+                      identify=lambda job: DISK)
     try:
-        cleaner.submit(CleanJob(
-            key="/mnt/disks/vol", pv_name=None, pv_uid="", class_name="c", mode="Filesystem",
-            raw_device=False, container_path=str(volume), mount_dir=str(tmp_path / "disks"),
-            device=f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}", command=("x",)))
+        assert cleaner.lock("/mnt/disks/vol") is None
+        cleaner.submit(_job(tmp_path, volume, device))
         assert done.wait(10)
         (outcome,) = cleaner.collect()
         assert outcome.busy and not outcome.ok

@@ -81,3 +81,22 @@ def test_dirty_volume_without_a_pv_is_held_and_cleaned() -> None:
 def test_retry_delay_doubles_and_is_bounded() -> None:
     assert [retry_delay(n) for n in (1, 2, 3)] == [30.0, 60.0, 120.0]
     assert retry_delay(50) == 3600.0
+
+
+def test_a_pv_whose_disk_cannot_be_recognised_is_never_cleaned() -> None:
+    """Nothing recorded (an upstream PV released before it was adopted), or nothing read back
+    (a disk without identity): a Warning, never a wipe on a guess."""
+    unrecorded = pv("a")
+    unrecorded["metadata"]["annotations"] = {}
+    result = decide([unrecorded, pv("b")], {"a": PRESENT, "b": (VolumeState.PRESENT, {})})
+    assert result.clean == ()
+    assert sorted((n.reason, n.name) for n in result.notices) == [
+        ("VolumeUnverified", "a"), ("VolumeUnverified", "b")]
+
+
+def test_a_dirty_volume_is_cleaned_only_when_its_disk_is_recognised() -> None:
+    dirty = frozenset({"/mnt/disks/same", "/mnt/disks/other"})
+    result = recycle({}, {}, dirty, dirty, frozenset(), 1000.0,
+                     cleanable=frozenset({"/mnt/disks/same"}))
+    assert result.hold == dirty  # neither is offered
+    assert [d.key for d in result.clean] == ["/mnt/disks/same"]
