@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: venv test lint demo demo-scan clean
+.PHONY: venv test lint demo demo-scan image clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,12 @@ demo: venv
 # The same discovery without a cluster: what `localpv-agent scan` sees on three loop devices.
 demo-scan: venv
 	VENV=$(VENV) scripts/demo-scan
+
+# The agent's image from the Dockerfile, with buildah (as root), offline: scripts/build-images.
+IMAGE ?= localpv-agent:dev
+image:
+	scripts/install-system-deps
+	IMAGE=$(IMAGE) scripts/build-images
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
