@@ -56,12 +56,15 @@ class Kube:
 
     def __init__(self, kubeconfig: str | None = None, observe: RequestObserver | None = None,
                  timeout: float = 30.0) -> None:
+        cfg = client.Configuration()
         if kubeconfig:
-            api = config.new_client_from_config(config_file=kubeconfig)
+            config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
         else:
-            cfg = client.Configuration()
             config.load_incluster_config(client_configuration=cfg)
-            api = client.ApiClient(cfg)
+        # No retries inside the client: a stalled API would hold one call for several
+        # timeouts. The agent retries with its own backoff, and each failure shows.
+        cfg.retries = 0
+        api = client.ApiClient(cfg)
         self._core = client.CoreV1Api(api)
         self._storage = client.StorageV1Api(api)
         self._batch = client.BatchV1Api(api)

@@ -9,7 +9,8 @@ import threading
 
 class Proxy:
     """Forwards 127.0.0.1:<port> to a target; `cut` drops every connection and refuses new
-    ones, `restore` accepts again on the same port."""
+    ones, `restore` accepts again on the same port. `stall` keeps every connection open and
+    accepts new ones but forwards nothing (a frozen apiserver), until `restore`."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
@@ -19,6 +20,8 @@ class Proxy:
         self._lock = threading.Lock()
         self._accepting = threading.Event()
         self._accepting.set()
+        self._flowing = threading.Event()
+        self._flowing.set()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def cut(self) -> None:
@@ -30,10 +33,15 @@ class Proxy:
                     sock.close()
             self._open.clear()
 
+    def stall(self) -> None:
+        self._flowing.clear()
+
     def restore(self) -> None:
         self._accepting.set()
+        self._flowing.set()
 
     def close(self) -> None:
+        self._flowing.set()
         self.cut()
         self._listener.close()
 
@@ -61,6 +69,7 @@ class Proxy:
         """Copy one direction; when it ends, the whole connection ends (both sockets closed)."""
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
+                self._flowing.wait()
                 dst.sendall(data)
         with self._lock:
             for sock in (src, dst):

@@ -258,7 +258,7 @@ def test_killed_mid_clean_resumes_and_never_offers_dirty(node: Node, tmp_path: P
 
 
 def test_dirty_pv_deleted_by_hand_is_cleaned_before_it_is_offered(node: Node) -> None:
-    mount = node.disks.tmpfs(node.fs_dir / "handled")
+    mount = node.disks.mount(node.disks.loop("handled", fs="ext4"), node.fs_dir / "handled")
     agent = node.start()
     pv = wait_for(lambda: node.pv("handled"), 20, "PV for handled")
     claim = bind(node, pv, "hand")
@@ -368,7 +368,8 @@ def test_block_volume_cleaned_by_an_upstream_style_job(node: Node) -> None:
 def test_bound_pv_whose_labels_were_edited_is_never_cleaned(node: Node) -> None:
     """The watch selects on the agent's labels: a PV whose label was removed drops out of it.
     Its dirty volume must not look PV-less and be wiped while the claim still uses it."""
-    mount = node.disks.tmpfs(node.fs_dir / "relabelled")
+    mount = node.disks.mount(node.disks.loop("relabelled", fs="ext4"),
+                             node.fs_dir / "relabelled")
     node.start()
     pv = wait_for(lambda: node.pv("relabelled"), 20, "PV for relabelled")
     bind(node, pv, "relabel")
@@ -385,3 +386,115 @@ def test_bound_pv_whose_labels_were_edited_is_never_cleaned(node: Node) -> None:
     same_path = [p for p in pvs_of(node.cluster, node.name)
                  if p["spec"]["local"]["path"] == "/mnt/disks/relabelled"]
     assert len(same_path) == 1  # and no second PV for the path
+
+
+# -- a different disk at the same path: never wiped (regressions of data loss seen in review) --
+
+def replace_disk(node: Node, device: str, mount: Path, data: str) -> str:
+    """Put a different filesystem, holding someone's data, on the same device number and at
+    the same path: what a disk swap looks like to the agent. Returns its UUID."""
+    sh("umount", str(mount))
+    sh("mkfs.ext4", "-q", "-F", device)
+    node.disks.mount(device, mount)
+    (mount / "precious.txt").write_text(data)
+    return sh("blkid", "-p", "-s", "UUID", "-o", "value", device)
+
+
+def dirty_record(node: Node, entry: str) -> dict[str, Any]:
+    state = node.work / f"state-{node.name}" / "dirty"
+    for f in state.glob("*.json"):
+        record: dict[str, Any] = json.loads(f.read_text())
+        if record["path"] == f"/mnt/disks/{entry}":
+            return record
+    raise AssertionError(f"no dirty record for {entry}")
+
+
+def node_events(node: Node, reason: str) -> list[dict[str, Any]]:
+    return [e for e in events_for(node.cluster, "Node", node.name) if e["reason"] == reason]
+
+
+def test_a_queued_clean_never_wipes_the_disk_that_replaced_its_volume(
+        node: Node, tmp_path: Path) -> None:
+    """One cleaning worker, busy with a slow block clean; a filesystem volume's clean waits
+    behind it. Meanwhile its disk is replaced (new fs UUID, same major:minor). The queued
+    clean must not run on the new disk, and the new disk must not be offered."""
+    slow = tmp_path / "slow_zero.sh"
+    slow.write_text(f"#!/bin/sh\necho slow: waiting\nsleep 8\nexec {CLEANERS / 'dd_zero.sh'}\n")
+    slow.chmod(0o755)
+    config = yaml.safe_load(node.config.read_text())
+    config["storageClassMap"][BLOCK]["blockCleanerCommand"] = [str(slow)]
+    node.config.write_text(yaml.safe_dump(config))
+    raw = node.disks.loop("busy", size_mib=16)
+    (node.block_dir / "busy").symlink_to(raw)
+    device = node.disks.loop("swapped", fs="ext4")
+    mount = node.disks.mount(device, node.fs_dir / "swapped")
+    agent = node.start("--clean-concurrency", "1")
+    busy = wait_for(lambda: node.pv("busy", BLOCK), 20, "PV for busy")
+    pv = wait_for(lambda: node.pv("swapped"), 20, "PV for swapped")
+    busy_claim, claim = bind(node, busy, "busy"), bind(node, pv, "swap")
+    (mount / "old-tenant.txt").write_text("old")
+    release(node, busy_claim)
+    wait_for(lambda: "slow: waiting" in agent.log(), 30, "the slow clean holding the worker",
+             on_timeout=agent.log)
+    release(node, claim)
+    wait_for(lambda: "cleaning /mnt/disks/swapped" in agent.log(), 30, "the queued clean",
+             on_timeout=agent.log)
+    new_uuid = replace_disk(node, device, mount, "the new disk's data")
+    changed = wait_for(lambda: [e for e in events_for(node.cluster, "PersistentVolume",
+                                                      pv["metadata"]["name"])
+                                if e["reason"] == "DiskChanged"], 30, "DiskChanged",
+                       on_timeout=agent.log)
+    assert new_uuid in changed[0]["message"]
+    recycled(node, "busy", busy["metadata"]["uid"], BLOCK, timeout=90)  # the worker is free
+    wait_for(lambda: "clean /mnt/disks/swapped cancelled" in agent.log()
+             or "not started: a different disk" in agent.log(), 30,
+             "the queued clean dropped", on_timeout=agent.log)
+    assert (mount / "precious.txt").read_text() == "the new disk's data"
+    current = node.pv("swapped")
+    assert current is not None and current["metadata"]["uid"] == pv["metadata"]["uid"]
+    assert current["status"]["phase"] == "Released"  # left for an operator, never re-offered
+
+
+def test_a_dirty_record_never_wipes_a_replacement_disk(node: Node) -> None:
+    """The PV of a dirty volume deleted by hand, the disk replaced, the agent restarted: the
+    record names the old disk, so the new one is neither cleaned nor offered."""
+    device = node.disks.loop("recorded", fs="ext4")
+    mount = node.disks.mount(device, node.fs_dir / "recorded")
+    agent = node.start()
+    pv = wait_for(lambda: node.pv("recorded"), 20, "PV for recorded")
+    claim = bind(node, pv, "rec")
+    remembered_dirty(node, "recorded")
+    old_uuid = sh("blkid", "-p", "-s", "UUID", "-o", "value", device)
+    assert dirty_record(node, "recorded")["identity"]["fs-uuid"] == old_uuid
+    agent.stop()
+    release(node, claim)
+    wait_for(lambda: (node.pv("recorded") or {}).get("status", {}).get("phase") == "Released",
+             30, "released")
+    node.cluster.api("DELETE", f"/api/v1/persistentvolumes/{pv['metadata']['name']}")
+    wait_for(lambda: node.pv("recorded") is None, 30, "the PV deleted by hand")
+    new_uuid = replace_disk(node, device, mount, "a replacement disk's data")
+    agent = node.start()
+    changed = wait_for(lambda: node_events(node, "DiskChanged"), 30, "DiskChanged on the Node",
+                       on_timeout=agent.log)
+    assert old_uuid in changed[0]["message"] and new_uuid in changed[0]["message"]
+    assert "delete" in changed[0]["message"]  # the manual step is named
+    assert (mount / "precious.txt").read_text() == "a replacement disk's data"
+    assert node.pv("recorded") is None
+    assert "cleaning /mnt/disks/recorded" not in agent.log()
+
+
+def test_a_dirty_record_without_identity_is_held_for_an_operator(node: Node) -> None:
+    """Records written before identities were kept cannot prove which disk they mean."""
+    device = node.disks.loop("legacy", fs="ext4")
+    mount = node.disks.mount(device, node.fs_dir / "legacy")
+    (mount / "tenant.db").write_text("someone's data")
+    state = node.work / f"state-{node.name}" / "dirty"
+    state.mkdir(parents=True)
+    (state / "legacy.json").write_text(json.dumps(
+        {"path": "/mnt/disks/legacy", "pv": "local-pv-old", "since": "2026-01-01T00:00:00Z"}))
+    agent = node.start()
+    held = wait_for(lambda: node_events(node, "VolumeUnverified"), 30, "VolumeUnverified",
+                    on_timeout=agent.log)
+    assert "/mnt/disks/legacy" in held[0]["message"]
+    assert (mount / "tenant.db").read_text() == "someone's data"
+    assert node.pv("legacy") is None
