@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -298,6 +299,7 @@ def sample_state(reconciler: Reconciler, kube: Kube) -> AgentSample:
         volumes=volumes, offered=offered, excluded=excluded, wakeups=dict(waker.wakeups),
         source_failures=dict(waker.failures), sources_active=dict(waker.active),
         api_requests=dict(kube.requests), config_reloads=dict(reconciler.config_reloads),
+        held=dict(Counter(reconciler.held.values())),
         ready=reconciler.state.first_sync_done and kube.reachable)
 
 

@@ -487,7 +487,7 @@ class Reconciler:
         reported, with the manual step that releases it."""
         ok: set[str] = set()
         notices = []
-        self.held = {}
+        held: dict[str, str] = {}
         for path, record in sorted(dirty.items()):
             volume = volumes.get(path)
             if volume is None:
@@ -514,7 +514,8 @@ class Reconciler:
                 reason = "VolumeUnverified"
             notices.append(Notice("Node", self.node.name, "Warning", reason, message,
                                   key=f"dirty/{path}/{verdict.match}"))
-            self.held[path] = "disk_changed" if verdict.match is Match.DIFFERENT else "unverified"
+            held[path] = "disk_changed" if verdict.match is Match.DIFFERENT else "unverified"
+        self.held = held  # read by metrics from another thread: replaced whole
         self._notify(notices, scope="dirty/")
         return frozenset(ok)
 

@@ -61,6 +61,7 @@ class AgentSample:
     sources_active: Mapping[str, bool] = field(default_factory=dict)
     api_requests: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (verb, result)
     config_reloads: Mapping[str, int] = field(default_factory=dict)  # result -> count
+    held: Mapping[str, int] = field(default_factory=dict)  # why -> dirty volumes held back
     ready: bool = False
 
 
@@ -99,6 +100,10 @@ class StateCollector(Collector):
         yield _family(GaugeMetricFamily, "excluded_entries",
                       "Discovery entries not offered, by class and reason.", ["class", "reason"],
                       s.excluded.items())
+        yield _family(GaugeMetricFamily, "volumes_held",
+                      "Volumes holding a former tenant's data that are neither cleaned nor "
+                      "offered until an operator acts (disk_changed, unverified).", ["reason"],
+                      (((k,), n) for k, n in s.held.items()))
         yield _family(CounterMetricFamily, "wakeups", "Wake-ups of the loop, by source.",
                       ["source"], (((k,), n) for k, n in s.wakeups.items()))
         yield _family(CounterMetricFamily, "wakeup_source_failures",

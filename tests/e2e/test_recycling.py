@@ -496,5 +496,6 @@ def test_a_dirty_record_without_identity_is_held_for_an_operator(node: Node) -> 
     held = wait_for(lambda: node_events(node, "VolumeUnverified"), 30, "VolumeUnverified",
                     on_timeout=agent.log)
     assert "/mnt/disks/legacy" in held[0]["message"]
+    assert 'localpv_agent_volumes_held{reason="unverified"} 1.0' in agent.get("/metrics")[1]
     assert (mount / "tenant.db").read_text() == "someone's data"
     assert node.pv("legacy") is None
