@@ -55,13 +55,14 @@ def test_promtool_accepts_the_rules(tmp_path: Path) -> None:
     result = subprocess.run([str(promtool), "check", "rules", str(path)], capture_output=True,
                             text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 5 rules found" in result.stdout
+    assert "SUCCESS: 6 rules found" in result.stdout
 
 
 def test_alerts_cover_the_operators_questions() -> None:
     alerts = {r["alert"] for g in rules()["groups"] for r in g["rules"]}  # type: ignore[attr-defined]
     assert alerts == {"LocalPVVolumeMissing", "LocalPVCleaningFailing", "LocalPVAgentNotReady",
-                      "LocalPVWakeupSourceFailing", "LocalPVNodeLostAllVolumes"}
+                      "LocalPVWakeupSourceFailing", "LocalPVNodeLostAllVolumes",
+                      "LocalPVVolumeHeld"}
 
 
 @pytest.mark.parametrize("source", ["dashboard", "rules"])
