@@ -388,7 +388,8 @@ class Reconciler:
         """The host now, and for each of this node's PVs whether its disk is there."""
         snapshot = self.reader.snapshot(self.config)
         keep = frozenset(p for p in map(local_path, ours.values()) if p)
-        found = discover(self.config, snapshot, keep)
+        dirty = self.dirty.paths() if self.dirty is not None else frozenset()
+        found = discover(self.config, snapshot, keep, dirty)
         view = HostView(self.config, snapshot, found)
         volumes = {v.host_path: v for v in found.volumes}
         states: dict[str, tuple[VolumeState, Mapping[str, str]]] = {}
