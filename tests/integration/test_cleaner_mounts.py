@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.cleaner import CleanError, clean_filesystem
+from agent.host import HostReader
 from tests.conftest import require
 
 
@@ -73,11 +74,14 @@ def test_block_cleaner_refuses_a_device_mounted_in_another_namespace(tmp_path: P
             st = os.stat(device)
             before = Path(device).read_bytes()[:1 << 20]
             done = threading.Event()
-            cleaner = Cleaner(on_done=done.set, mountinfo="/proc/self/mountinfo")
+            reader = HostReader()
+            devno = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+            cleaner = Cleaner(on_done=done.set, mountinfo="/proc/self/mountinfo",
+                              identify=lambda job: reader.read_identity(job.device))
             cleaner.submit(CleanJob(
                 key="/mnt/block/disk", pv_name=None, pv_uid="", class_name="b", mode="Block",
                 raw_device=True, container_path=str(mount_dir / "disk"),
-                mount_dir=str(mount_dir), device=f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}",
+                mount_dir=str(mount_dir), device=devno, identity=reader.read_identity(devno),
                 command=("/bin/sh", "-c", "dd if=/dev/zero of=$LOCAL_PV_BLKDEVICE bs=1M")))
             assert done.wait(20)
             (outcome,) = cleaner.collect()
@@ -89,3 +93,41 @@ def test_block_cleaner_refuses_a_device_mounted_in_another_namespace(tmp_path: P
             holder.wait()
             if holder.stdout is not None:
                 holder.stdout.close()
+
+
+def test_a_queued_clean_finds_the_replacement_disk_and_touches_nothing(tmp_path: Path) -> None:
+    """The disk behind a volume is replaced (a new ext4, same device number, same path)
+    between the decision and the start of its clean: the identity read from the device
+    right before the first byte no longer matches, and nothing is removed."""
+    require(os.geteuid() == 0, "loop devices need root")
+    import threading  # noqa: PLC0415
+
+    from agent.cleaner import Cleaner, CleanJob  # noqa: PLC0415
+    from tests.disks import disks, sh  # noqa: PLC0415
+
+    with disks(tmp_path) as d:
+        device = d.loop("vol", fs="ext4")
+        mount_dir = tmp_path / "disks"
+        mount = d.mount(device, mount_dir / "vol")
+        (mount / "old-tenant").write_text("old")
+        st = os.stat(mount)
+        devno = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+        reader = HostReader()
+        recorded = reader.read_identity(devno)
+        assert recorded.get("fs-uuid") == sh("blkid", "-p", "-s", "UUID", "-o", "value", device)
+        sh("umount", str(mount))
+        sh("mkfs.ext4", "-q", "-F", device)  # the replacement: same major:minor
+        d.mount(device, mount)
+        (mount / "precious").write_text("the new disk's data")
+        done = threading.Event()
+        cleaner = Cleaner(on_done=done.set, mountinfo="/proc/self/mountinfo",
+                          identify=lambda job: reader.read_identity(job.device))
+        cleaner.submit(CleanJob(
+            key="/mnt/disks/vol", pv_name=None, pv_uid="", class_name="c", mode="Filesystem",
+            raw_device=False, container_path=str(mount), mount_dir=str(mount_dir),
+            device=devno, command=("x",), identity=recorded))
+        assert done.wait(30)
+        (outcome,) = cleaner.collect()
+        cleaner.shutdown()
+        assert not outcome.ok and outcome.disk_changed, outcome.detail
+        assert (mount / "precious").read_text() == "the new disk's data"
