@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -90,8 +90,9 @@ class Agent:
     """`localpv-agent run` for one node, logging to a file, with a random HTTP port."""
 
     def __init__(self, node: str, config: Path, kubeconfig: Path, workdir: Path,
-                 *extra: str) -> None:
+                 *extra: str, wrapper: Sequence[str] = ()) -> None:
         self.node = node
+        self.wrapper = wrapper  # a command that execs the agent, e.g. prlimit
         self.config = config
         self.kubeconfig = kubeconfig
         self.workdir = workdir
@@ -104,7 +105,8 @@ class Agent:
         self.port_file.unlink(missing_ok=True)
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent.cli", "run", "--config", str(self.config),
+                [*self.wrapper, sys.executable, "-m", "agent.cli", "run",
+                 "--config", str(self.config),
                  "--node-name", self.node, "--kubeconfig", str(self.kubeconfig),
                  "--listen-address", "127.0.0.1:0", "--port-file", str(self.port_file),
                  "--resync-period", "3600",
