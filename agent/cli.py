@@ -243,7 +243,11 @@ def scan(args: argparse.Namespace, config: Config, out: TextIO | None = None) ->
         print("localpv-agent: setPVOwnerRef is on: pass --node-uid to scan", file=sys.stderr)
         return EXIT_CONFIG
     reader = _host_reader(args)
-    snapshot = reader.snapshot(config)
+    try:
+        snapshot = reader.snapshot(config)
+    except OSError as exc:  # the mount table itself unreadable or hung
+        print(f"localpv-agent: cannot read the host: {exc}", file=sys.stderr)
+        return EXIT_UNREADABLE_DIR
     found = discover(config, snapshot)
     policy = ClassPolicy(reclaim_policy=args.reclaim_policy)
     manifests = [pv_manifest(v, node, config, policy) for v in found.volumes]
