@@ -506,6 +506,8 @@ class ControlPlane:
             "scheduler": ("client", "/CN=system:kube-scheduler"),
             "kwok": ("client", "/O=system:masters/CN=kwok"),
             "front-proxy-client": ("client", "/CN=front-proxy-client"),
+            # The apiserver's identity towards kubelets (kubectl logs/exec on a real node).
+            "kubelet-client": ("client", "/O=system:masters/CN=kube-apiserver-kubelet-client"),
         }
         for name, (kind, subject) in leaves.items():
             ca = "front-proxy-ca" if name == "front-proxy-client" else "ca"
@@ -641,6 +643,8 @@ class ControlPlane:
                 "--requestheader-extra-headers-prefix=X-Remote-Extra-",
                 f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
                 f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
+                f"--kubelet-client-certificate={pki / 'kubelet-client.crt'}",
+                f"--kubelet-client-key={pki / 'kubelet-client.key'}",
                 "--authorization-mode=Node,RBAC",
                 f"--service-account-issuer={SA_ISSUER}",
                 f"--service-account-key-file={pki / 'sa.pub'}",
