@@ -245,8 +245,8 @@ def scan(args: argparse.Namespace, config: Config, out: TextIO | None = None) ->
     reader = _host_reader(args)
     try:
         snapshot = reader.snapshot(config)
-    except OSError as error:  # the mount table itself unreadable or hung
-        print(f"localpv-agent: cannot read the host: {error}", file=sys.stderr)
+    except OSError as unreadable:  # the mount table itself unreadable or hung
+        print(f"localpv-agent: cannot read the host: {unreadable}", file=sys.stderr)
         return EXIT_UNREADABLE_DIR
     found = discover(config, snapshot)
     policy = ClassPolicy(reclaim_policy=args.reclaim_policy)
