@@ -75,6 +75,7 @@ AGENT_NAMESPACE = "localpv-agent"
 AGENT_NAME = "localpv-agent"
 BASE_IMAGE = "ghcr.io/localpv-agent/localpv-agent"
 CNI_BIN_DIR = Path("/usr/lib/cni")
+CNI_CACHE = Path("/var/lib/cni")  # libcni's result cache: not configurable in containerd 1.6
 CGROUP_V1_CONTROLLERS = frozenset({
     "cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids", "hugetlb",
     "net_cls", "net_prio", "perf_event", "rdma", "misc"})
@@ -168,6 +169,11 @@ class _Layout:
     @property
     def bridge(self) -> str:
         return f"lpv{self.tag}"  # IFNAMSIZ: at most 15 bytes
+
+    @property
+    def network(self) -> str:
+        """The CNI network's name (it prefixes this node's entries in the CNI cache)."""
+        return f"localpv-{self.tag}"
 
     @property
     def subnet_octet(self) -> int:
@@ -553,8 +559,9 @@ class RealNode:
         # Record the host's state first: `down` restores what it finds changed.
         self._record(
             sysctls={n: _sysctl_read(n) for n in WATCHED_SYSCTLS},
-            created_dirs=[str(d) for d in (Path("/run/containerd"), Path("/run/containerd/s"))
-                          if not d.exists()],
+            # Host dirs containerd creates at fixed paths (shim sockets, CNI result cache).
+            created_dirs=[str(d) for d in (Path("/run/containerd"), Path("/run/containerd/s"),
+                                           CNI_CACHE, CNI_CACHE / "results") if not d.exists()],
             cgroup_root=f"{_own_cgroup_base().rstrip('/')}/localpv-{p.tag}",
             bridge=p.bridge,
         )
@@ -575,7 +582,7 @@ class RealNode:
         _run("ip", "link", "set", p.bridge, "up")
         (p.cni_conf / "10-localpv.conflist").write_text(json.dumps({
             "cniVersion": "1.0.0",
-            "name": "localpv",
+            "name": p.network,
             "plugins": [
                 {"type": "bridge", "bridge": p.bridge, "isGateway": False, "ipMasq": False,
                  "hairpinMode": False,
@@ -885,9 +892,11 @@ def stop_node(workdir: Path, *, keep_logs: bool = False) -> list[str]:
             with contextlib.suppress(OSError):
                 Path("/proc/sys", name).write_text(before)
             notes.append(f"restored sysctl {name}: {now} -> {before}")
-    for d in reversed(state.get("created_dirs", [])):
+    for cached in (CNI_CACHE / "results").glob(f"{layout.network}-*"):
+        cached.unlink(missing_ok=True)
+    for d in sorted(state.get("created_dirs", []), key=lambda d: d.count("/"), reverse=True):
         with contextlib.suppress(OSError):
-            Path(d).rmdir()  # only if empty: another containerd may use it by now
+            Path(d).rmdir()  # only if empty: another node may use it by now
     if any(_under(m, layout.root) for m in _mountpoints()):
         notes.append(f"left {layout.root} in place: something is still mounted there")
         return notes
