@@ -90,7 +90,7 @@ def image_sizes(images: Images) -> dict[str, object]:
         while chunk := src.read(1 << 20):
             compressed += len(z.compress(chunk))
         compressed += len(z.flush())
-    cache = Path("/var/cache/localpv-agent")
+    cache = Path(os.environ.get("LOCALPV_CACHE", "/var/cache/localpv-agent"))
     size = subprocess.run(
         ["buildah", "--root", str(cache / "containers" / "storage"), "--runroot",
          str(cache / "containers" / "run"), "images", "--format", "{{.Size}}", images.agent],
