@@ -3,6 +3,7 @@ binds them, and its pods always come back to the node holding their data."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,22 +27,27 @@ STS = "example-sts1"
 class NodeDisks:
     name: str
     config: Path
-    entries: dict[str, int]  # entry name -> size in bytes
+    entries: dict[str, int]  # entry name -> filesystem size in bytes
 
 
 def prepare_node(d: Disks, root: Path, node: str, volumes: dict[str, int],
                  extra_classes: dict[str, Any] | None = None) -> NodeDisks:
-    """A discovery dir of real tmpfs mounts, plus a stray file the agent must explain."""
+    """A discovery dir of real ext4 disks (loop devices), plus a stray file the agent must
+    explain. Real disks, not tmpfs: a released volume is recycled only when its disk can be
+    recognised, and a tmpfs has no identity."""
     mount_dir = root / node / "disks"
     mount_dir.mkdir(parents=True)
+    sizes = {}
     for entry, mib in volumes.items():
-        d.tmpfs(mount_dir / entry, size_mib=mib)
+        mount = d.mount(d.loop(f"{node}-{entry}", size_mib=mib, fs="ext4"), mount_dir / entry)
+        st = os.statvfs(mount)
+        sizes[entry] = st.f_blocks * st.f_frsize
     (mount_dir / "stray.txt").write_text("not a disk")
     config = root / node / "config.yaml"
     config.write_text(yaml.safe_dump({"storageClassMap": {
         CLASS: {"hostDir": "/mnt/disks", "mountDir": str(mount_dir)}, **(extra_classes or {}),
     }}))
-    return NodeDisks(node, config, {e: mib << 20 for e, mib in volumes.items()})
+    return NodeDisks(node, config, sizes)
 
 
 @pytest.fixture(scope="module")

@@ -499,3 +499,52 @@ def test_a_dirty_record_without_identity_is_held_for_an_operator(node: Node) -> 
     assert 'localpv_agent_volumes_held{reason="unverified"} 1.0' in agent.get("/metrics")[1]
     assert (mount / "tenant.db").read_text() == "someone's data"
     assert node.pv("legacy") is None
+
+
+def passes(agent: Agent) -> int:
+    """The agent's pass counter (its pass-duration histogram's count)."""
+    for line in agent.get("/metrics")[1].splitlines():
+        if line.startswith("localpv_agent_discovery_pass_duration_seconds_count"):
+            return int(float(line.split()[-1]))
+    return 0
+
+
+def test_twin_agents_clean_a_dirty_volume_once_and_never_the_next_tenant(node: Node) -> None:
+    """Two agents of one node (a rollout overlaps old and new pod) share the state dir. A
+    dirty volume whose PV was deleted by hand is cleaned once, offered once, and its next
+    tenant's data is never wiped by the twin that decided late."""
+    device = node.disks.loop("twin", fs="ext4")
+    mount = node.disks.mount(device, node.fs_dir / "twin")
+    agent = node.start()
+    pv = wait_for(lambda: node.pv("twin"), 20, "PV for twin")
+    claim = bind(node, pv, "twin")
+    (mount / "old-tenant").write_text("old")
+    remembered_dirty(node, "twin")
+    agent.stop()
+    release(node, claim)
+    wait_for(lambda: (node.pv("twin") or {}).get("status", {}).get("phase") == "Released",
+             30, "released")
+    node.cluster.api("DELETE", f"/api/v1/persistentvolumes/{pv['metadata']['name']}")
+    wait_for(lambda: node.pv("twin") is None, 30, "the PV deleted by hand")
+    state = ("--state-dir", str(node.work / f"state-{node.name}"), "--resync-period", "1")
+    twins = []
+    for i in range(2):
+        work = node.work / f"twin-{i}"
+        work.mkdir()
+        twins.append(Agent(node.name, node.config, node.kubeconfig, work, *FAST,
+                           *state).start())
+    try:
+        back = wait_for(lambda: (p := node.pv("twin")) is not None
+                        and p["metadata"]["uid"] != pv["metadata"]["uid"] and p, 60,
+                        "the volume offered again", on_timeout=twins[0].log)
+        bind(node, back, "twin-next")
+        (mount / "next-tenant").write_text("new")
+        before = [passes(t) for t in twins]
+        wait_for(lambda: all(passes(t) >= b + 3 for t, b in zip(twins, before, strict=True)),
+                 60, "three more passes of each twin")
+        assert (mount / "next-tenant").read_text() == "new"
+        done = sum(t.log().count("clean /mnt/disks/twin done") for t in twins)
+        assert done == 1, "\n".join(t.log() for t in twins)
+    finally:
+        for t in twins:
+            t.kill()
