@@ -29,7 +29,6 @@ from agent.volumes import (
     ClassPolicy,
     NodeInfo,
     format_quantity,
-    identity_from_annotations,
     pv_manifest,
     round_capacity,
 )
@@ -39,6 +38,7 @@ if TYPE_CHECKING:  # the run-only modules load lazily, so `scan` stays light
     from agent.kube import Kube
     from agent.loop import Reconciler
     from agent.metrics import AgentSample
+    from agent.settings import RunSettings
 
 log = logging.getLogger("localpv-agent")
 
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     # Imported here so `scan` works without touching the API client at all.
     from agent.cleaner import CleanOutcome, DirtyStore, capacity_breakdown  # noqa: PLC0415
     from agent.kube import Kube  # noqa: PLC0415
-    from agent.loop import PassResult, Reconciler  # noqa: PLC0415
+    from agent.loop import Hooks, PassResult, Reconciler  # noqa: PLC0415
     from agent.metrics import HealthServer, Metrics, stalled_after  # noqa: PLC0415
 
     if not args.node_name_given:
@@ -117,16 +117,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
         print(f"localpv-agent: cannot use the state dir {args.state_dir}: {exc}",
               file=sys.stderr)
         return EXIT_CONFIG
-    poll = args.discovery_mode == "poll"
-    reconciler = Reconciler(kube, _host_reader(args), config, args.node_name,
-                            resync_period=resync or 300.0, on_pass=on_pass,
-                            poll_period=args.discovery_period if poll else None,
-                            withdraw_missing=args.withdraw_missing, dirty=dirty,
-                            on_clean=on_clean, clean_stale_after=args.clean_stale_after,
-                            clean_retry_base=args.clean_retry_base, config_path=args.config,
-                            job_image=args.job_image, namespace=args.namespace)
+    reconciler = Reconciler(kube, _host_reader(args), config, _settings(args, resync), dirty,
+                            Hooks(on_pass=on_pass, on_clean=on_clean))
     loop_progress.append(reconciler.note_progress)
-    reconciler.cleaner = _cleaner(args, reconciler)
+    reconciler.attach_cleaner(_cleaner(args, reconciler))
     metrics.watch_state(lambda: sample_state(reconciler, kube))
     _start_sources(reconciler, args)
     server = None
@@ -155,6 +149,18 @@ def run(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def _settings(args: argparse.Namespace, resync: float | None) -> RunSettings:
+    from agent.settings import RunSettings  # noqa: PLC0415
+
+    poll = args.discovery_mode == "poll"
+    return RunSettings(
+        node_name=args.node_name, resync_period=resync or 300.0,
+        poll_period=args.discovery_period if poll else None,
+        withdraw_missing=args.withdraw_missing, clean_stale_after=args.clean_stale_after,
+        clean_retry_base=args.clean_retry_base, config_path=args.config,
+        job_image=args.job_image, namespace=args.namespace)
+
+
 def _run_until_stopped(reconciler: Reconciler) -> None:
     """Run the loop until SIGTERM, then stop within a few seconds whatever the API or the
     disks do: cleaners are killed (their volumes stay dirty and resume after the restart) and
@@ -172,6 +178,7 @@ def _run_until_stopped(reconciler: Reconciler) -> None:
     if loop.is_alive():
         log.warning("the loop did not stop within %gs (a hung API call or disk); exiting "
                     "anyway", SHUTDOWN_GRACE)
+    reconciler.close()
 
 
 def _cleaner(args: argparse.Namespace, reconciler: Reconciler) -> Cleaner:
@@ -227,8 +234,9 @@ def _start_sources(reconciler: Reconciler, args: argparse.Namespace) -> None:
                                             for c in reconciler.config.classes]),
     ]
     active = [s.name for s in sources if s.start()]
-    log.info("discovery: events from %s, plus a full resync every %gs",
-             ", ".join(active) or "no source", reconciler.resync_period)
+    log.info("discovery: events from %s, plus a full resync every %g to %gs",
+             ", ".join(active) or "no source", reconciler.settings.resync_period,
+             2 * reconciler.settings.resync_period)
 
 
 def scan(args: argparse.Namespace, config: Config, out: TextIO | None = None) -> int:
@@ -271,24 +279,21 @@ def scan(args: argparse.Namespace, config: Config, out: TextIO | None = None) ->
 
 def sample_state(reconciler: Reconciler, kube: Kube) -> AgentSample:
     """What the state metrics show, read from the loop at scrape time."""
+    from agent import pv as pvs  # noqa: PLC0415
     from agent.metrics import AgentSample, VolumeSample  # noqa: PLC0415
-    from agent.plan import is_this_nodes, local_path  # noqa: PLC0415
 
     last = reconciler.state.last_pass
     missing = set(last.plan.missing) if last else set()
     cleaning = set(last.cleaning) if last else set()
     volumes = []
     for name, pv in sorted(reconciler.cache.snapshot().items()):
-        if not is_this_nodes(pv, reconciler.node):
+        if not pvs.is_this_nodes(pv, reconciler.node):
             continue
-        phase = ((pv.get("status") or {}).get("phase") or "pending").lower()
-        annotations = pv["metadata"].get("annotations") or {}
         volumes.append(VolumeSample(
-            name=name, class_name=pv["spec"].get("storageClassName", ""),
-            mode=pv["spec"].get("volumeMode", "Filesystem"),
+            name=name, class_name=pvs.storage_class(pv), mode=pvs.volume_mode(pv),
             state=("missing" if name in missing else "cleaning" if name in cleaning
-                   else phase), path=local_path(pv) or "",
-            identity=identity_from_annotations(annotations)))
+                   else (pvs.phase(pv) or "pending").lower()), path=pvs.local_path(pv) or "",
+            identity=pvs.identity(pv)))
     offered: dict[tuple[str, str], int] = {}
     excluded: dict[tuple[str, str], int] = {}
     if last is not None:
@@ -302,8 +307,8 @@ def sample_state(reconciler: Reconciler, kube: Kube) -> AgentSample:
     return AgentSample(
         volumes=volumes, offered=offered, excluded=excluded, wakeups=dict(waker.wakeups),
         source_failures=dict(waker.failures), sources_active=dict(waker.active),
-        api_requests=dict(kube.requests), config_reloads=dict(reconciler.config_reloads),
-        held=dict(Counter(reconciler.held.values())),
+        api_requests=dict(kube.requests), config_reloads=reconciler.reloader.counts(),
+        held=dict(Counter(reconciler.recycler.guard.held.values())),
         ready=reconciler.state.first_sync_done and kube.reachable)
 
 

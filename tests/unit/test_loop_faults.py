@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.backoff import Backoff
 from agent.cleaner import DirtyStore
 from agent.config import load_config
 from agent.host import HostReader
-from agent.loop import Backoff, Reconciler
+from agent.loop import Reconciler
+from agent.settings import RunSettings
 from agent.volumes import NodeInfo
 
 CONFIG = """\
@@ -46,8 +48,8 @@ def reconciler(tmp_path: Path, kube: FakeKube | None = None,
     config_path = tmp_path / "config.yaml"
     config_path.write_text(CONFIG.format(dir=tmp_path / "disks"))
     loop = Reconciler(kube or FakeKube(), HostReader(), load_config(config_path),  # type: ignore[arg-type]
-                      "node-1", config_path=str(config_path), dirty=dirty)
-    loop.node = NodeInfo(name="node-1", uid="uid-1")
+                      RunSettings("node-1", config_path=str(config_path)), dirty=dirty)
+    loop.ctx.node = NodeInfo(name="node-1", uid="uid-1")
     return loop
 
 
@@ -90,7 +92,8 @@ def test_an_unwritable_state_dir_is_reported_and_other_volumes_go_on(tmp_path: P
     claimed = {"metadata": {"name": "local-pv-1", "annotations": {}},
                "spec": {"local": {"path": "/mnt/disks/a"}, "claimRef": {"name": "c"}},
                "status": {"phase": "Bound"}}
-    loop._mark_dirty({"local-pv-1": claimed}, {})
+    loop.recycler.guard.mark_dirty({"local-pv-1": claimed}, {})
+    assert loop.events.drain(10)
     assert [reason for reason, _ in kube.events] == ["StateDirUnwritable"]
     assert "No space left" in kube.events[0][1]
 

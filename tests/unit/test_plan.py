@@ -6,7 +6,9 @@ from typing import Any
 
 from agent.config import parse_config
 from agent.discovery import Volume
-from agent.plan import is_this_nodes, label_selector, plan
+from agent.plan import plan
+from agent.pv import is_this_nodes, label_selector
+from agent.pvcache import PVCache
 from agent.volumes import NodeInfo, pv_manifest
 
 CONFIG = parse_config({"storageClassMap": {"sc1": {"hostDir": "/mnt/disks"}}})
@@ -82,8 +84,6 @@ def test_ownership_needs_both_annotation_and_affinity() -> None:
 
 
 def test_cache_keeps_a_newer_watch_version_over_an_older_write_response() -> None:
-    from agent.loop import PVCache  # noqa: PLC0415  (the cache lives with the loop)
-
     cache = PVCache()
     base = {"metadata": {"name": "pv", "uid": "u"}}
     newer = {"metadata": {**base["metadata"], "resourceVersion": "12"},

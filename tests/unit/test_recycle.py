@@ -6,7 +6,8 @@ import json
 from typing import Any
 
 from agent.discovery import VolumeState
-from agent.plan import CLEANING_ANNOTATION, recycle, retry_delay
+from agent.plan import recycle, retry_delay
+from agent.pv import CLEANING_ANNOTATION
 
 PRESENT = (VolumeState.PRESENT, {"fs-uuid": "u1"})
 
@@ -79,8 +80,10 @@ def test_dirty_volume_without_a_pv_is_held_and_cleaned() -> None:
 
 
 def test_retry_delay_doubles_and_is_bounded() -> None:
-    assert [retry_delay(n) for n in (1, 2, 3)] == [30.0, 60.0, 120.0]
-    assert retry_delay(50) == 3600.0
+    assert [retry_delay(n, rand=lambda: 0.0) for n in (1, 2, 3)] == [30.0, 60.0, 120.0]
+    assert retry_delay(50, rand=lambda: 0.0) == 3600.0
+    assert retry_delay(10_000, rand=lambda: 0.0) == 3600.0  # no overflow, however many
+    assert 24.0 <= retry_delay(1) <= 30.0  # jitter shortens, never lengthens
 
 
 def test_a_pv_whose_disk_cannot_be_recognised_is_never_cleaned() -> None:

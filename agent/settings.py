@@ -1,0 +1,24 @@
+"""How one agent runs: the settings of `localpv-agent run` that the loop and its parts read.
+
+Pure. One frozen value, built once from the command line; the config file (which can change
+while the agent runs) is separate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    node_name: str
+    resync_period: float = 300.0  # minimum seconds between full resyncs (jittered up to 2x)
+    debounce: float = 0.2  # seconds a burst of wake-ups is coalesced into one pass
+    poll_period: float | None = None  # poll like the upstream: a pass every period
+    withdraw_missing: bool = True  # delete an unbound PV whose disk is gone
+    clean_stale_after: float = 60.0  # another instance's clean without a heartbeat is dead
+    clean_retry_base: float = 30.0  # first delay after a failed clean, doubling to an hour
+    config_path: str | None = None  # re-read on edits; None: the config never changes
+    job_image: str | None = None  # useJobForCleaning's image
+    namespace: str = "default"  # of cleaning Jobs
+    job_poll: float = 5.0  # seconds between looks at running cleaning Jobs
