@@ -136,6 +136,12 @@ class Kube:
         except ApiException as exc:
             self._count("watch", "error", time.monotonic() - start, exc.status or 0)
             raise ApiError("watch", exc.status or 0, str(exc.reason)) from None
+        except KeyError:
+            # An in-stream ERROR event (the apiserver's 410 for an expired resourceVersion):
+            # with deserialize=False the client fails to read it (KeyError 'raw_object').
+            self._count("watch", "error", time.monotonic() - start, 410)
+            raise ApiError("watch", 410, "the watch ended with an error event (its "
+                                         "resourceVersion expired)") from None
         except (HTTPError, OSError) as exc:
             self._count("watch", "error", time.monotonic() - start, 0)
             raise ApiError("watch", 0, str(exc)) from None

@@ -1,0 +1,357 @@
+"""The parts around the pass: the PV watch, Event posting, config reloads, the run loop."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.backoff import Backoff, exponential, resync_period
+from agent.events import EventRecorder
+from agent.kube import ApiError
+from agent.notices import Notice, Once, Reason, Scope
+from agent.pv import CleaningRecord, CleaningState
+from agent.pvcache import PVCache, PVWatcher
+from agent.volumes import NodeInfo
+from tests.unit.fake_kube import FakeKube
+from tests.unit.rig import CLASS, NODE, Rig, eventually
+
+SELECTOR = "app.kubernetes.io/managed-by=localpv-agent"
+
+
+def pv(name: str, labels: dict[str, str] | None = None, phase: str = "Available") -> dict:
+    return {"metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "localpv-agent"}
+                         if labels is None else labels},
+            "spec": {"local": {"path": f"/mnt/disks/{name}"}}, "status": {"phase": phase}}
+
+
+@pytest.fixture
+def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retries after milliseconds, not seconds."""
+    for module in ("agent.loop", "agent.pvcache"):
+        monkeypatch.setattr(f"{module}.Backoff", lambda: Backoff(0.01, 0.02))
+
+
+@pytest.fixture
+def watching(fast_backoff: None) -> Iterator[tuple[FakeKube, PVCache, list[str], threading.Event]]:
+    kube = FakeKube(watch_timeout=0.05)
+    cache, woken, stop = PVCache(), [], threading.Event()
+    watcher = PVWatcher(kube, cache, SELECTOR, stop, on_relist=lambda: woken.append("list"),
+                        on_change=woken.append)
+    watcher.start()
+    yield kube, cache, woken, stop
+    stop.set()
+    kube.close()
+
+
+# -- the watch ---------------------------------------------------------------------------------
+
+
+def test_the_watch_lists_then_follows_changes_of_its_selection_only(watching: tuple) -> None:
+    kube, cache, woken, _ = watching
+    kube.put_pv(pv("a"))
+    kube.put_pv(pv("foreign", labels={}))
+    eventually(lambda: cache.get("a"), what="the PV in the cache")
+    assert cache.get("foreign") is None
+    kube.bind("a")
+    eventually(lambda: "pv-modified" in woken, what="a wake-up for the new phase")
+    kube.update_pv("a", lambda p: p["metadata"]["labels"].clear())  # leaves the selection
+    eventually(lambda: cache.get("a") is None, what="the PV gone from the cache")
+    assert "pv-deleted" in woken
+    assert kube.calls["list_pv_snapshot"] == 1  # one list, then watches resumed from it
+
+
+def test_an_expired_watch_lists_again(watching: tuple) -> None:
+    kube, cache, woken, _ = watching
+    eventually(lambda: kube.calls["watch_pvs"] >= 1, what="a watch")
+    kube.put_pv(pv("before"))
+    eventually(lambda: cache.get("before"), what="the first PV")
+    kube.compact()  # etcd compacted: the watch in flight ends with 410 Gone
+    kube.put_pv(pv("after"))
+    eventually(lambda: cache.get("after") and kube.calls["list_pv_snapshot"] >= 2,
+               what="a relist after 410")
+    assert woken.count("list") >= 2
+
+
+def test_a_failing_watch_backs_off_and_relists(watching: tuple) -> None:
+    kube, cache, _, _ = watching
+    eventually(lambda: kube.calls["watch_pvs"] >= 1, what="a watch")
+    kube.fail("watch_pvs", ApiError("watch", 0, "connection reset"))
+    eventually(lambda: kube.calls["list_pv_snapshot"] >= 2, timeout=15, what="a relist")
+    kube.put_pv(pv("later"))
+    eventually(lambda: cache.get("later"), timeout=15, what="the cache current again")
+
+
+def test_a_crash_in_the_watch_relists_instead_of_going_stale(watching: tuple) -> None:
+    kube, cache, _, _ = watching
+    eventually(lambda: kube.calls["watch_pvs"] >= 1, what="a watch")
+    kube.fail("watch_pvs", RuntimeError("a bug"))
+    eventually(lambda: kube.calls["list_pv_snapshot"] >= 2, timeout=15, what="a relist")
+    kube.put_pv(pv("later"))
+    eventually(lambda: cache.get("later"), timeout=15, what="the cache current again")
+
+
+def test_the_cache_keeps_its_own_deletes_and_newer_versions() -> None:
+    cache = PVCache()
+    newer = {"metadata": {"name": "p", "uid": "u", "resourceVersion": "12"}}
+    cache.apply("MODIFIED", newer)
+    cache.put({"metadata": {"name": "p", "uid": "u", "resourceVersion": "11"}})
+    assert cache.get("p") == newer
+    cache.forget("p", "u")
+    cache.replace({"p": newer}, "13")  # a list racing the delete
+    assert cache.get("p") is None and cache.version == "13"
+    cache.expire()
+    assert cache.version == ""
+
+
+# -- Events ------------------------------------------------------------------------------------
+
+
+def notice(subject: str, scope: Scope = Scope.EXCLUDED) -> Notice:
+    return Notice("Node", NODE, Reason.VOLUME_EXCLUDED, f"entry {subject}", Once(scope, subject))
+
+
+@pytest.fixture
+def recorder() -> Iterator[tuple[FakeKube, EventRecorder]]:
+    kube = FakeKube()
+    events = EventRecorder(kube, lambda: NodeInfo(NODE, uid="node-uid"))
+    yield kube, events
+    events.close()
+
+
+def test_a_lasting_condition_is_posted_once_and_again_after_it_cleared(
+        recorder: tuple, caplog: pytest.LogCaptureFixture) -> None:
+    kube, events = recorder
+    for _ in range(3):
+        events.report([notice("a"), notice("b")], scopes={Scope.EXCLUDED})
+    assert events.drain(5)
+    assert [e["message"] for e in kube.events] == ["entry a", "entry b"]
+    assert kube.events[0]["involvedObject"]["uid"] == "node-uid"  # a Node's Event names it
+    with caplog.at_level(logging.INFO):
+        events.report([notice("a")], scopes={Scope.EXCLUDED})  # b cleared
+    assert "condition cleared: excluded/b" in caplog.text
+    events.report([notice("a"), notice("b")], scopes={Scope.EXCLUDED})
+    events.report([], scopes={Scope.MISSING})  # another scope clears nothing of this one
+    events.report([notice("a"), notice("b")])
+    assert events.drain(5)
+    assert [e["message"] for e in kube.events] == ["entry a", "entry b", "entry b"]
+
+
+def test_an_event_the_api_refused_is_posted_by_a_later_report(recorder: tuple) -> None:
+    kube, events = recorder
+    kube.fail("emit_event")
+    events.report([notice("a")])
+    assert events.drain(5) and kube.events == [] and events.failed == 1
+    assert not events.reported(Once(Scope.EXCLUDED, "a"))
+    events.report([notice("a")])
+    assert events.drain(5) and len(kube.events) == 1
+
+
+def test_posting_never_waits_for_a_stalled_api(recorder: tuple) -> None:
+    kube, events = recorder
+    gate = threading.Event()
+    stalled = kube.emit_event
+
+    def stall(*args: object) -> None:
+        gate.wait(10)
+        stalled(*args)  # type: ignore[arg-type]
+
+    kube.emit_event = stall  # type: ignore[method-assign]
+    started = time.monotonic()
+    for i in range(50):
+        events.post(Notice("Node", NODE, Reason.VOLUME_CLEANED, f"{i}"))
+    assert time.monotonic() - started < 1
+    assert not events.drain(0.1)
+    gate.set()
+    assert events.drain(10)
+    assert [e["message"] for e in kube.events] == [str(i) for i in range(50)]  # in order
+
+
+def test_a_full_queue_drops_new_events_and_reports_them_later(recorder: tuple) -> None:
+    kube, _ = recorder
+    gate = threading.Event()
+    posted = kube.emit_event
+
+    def slow(*args: object) -> None:
+        gate.wait(10)
+        posted(*args)  # type: ignore[arg-type]
+
+    kube.emit_event = slow  # type: ignore[method-assign]
+    events = EventRecorder(kube, lambda: NodeInfo(NODE), limit=2)
+    try:
+        for subject in "abcd":
+            events.report([notice(subject)])
+        dropped = [s for s in "abcd" if not events.reported(Once(Scope.EXCLUDED, s))]
+        assert dropped  # at most 2 wait and 1 is being posted
+        gate.set()
+        assert events.drain(10)
+        events.report(notice(s) for s in "abcd")  # the next pass reports the dropped ones
+        assert events.drain(10)
+        assert sorted(e["message"] for e in kube.events) == [f"entry {s}" for s in "abcd"]
+    finally:
+        events.close()
+
+
+def test_a_closed_recorder_posts_nothing_more(recorder: tuple) -> None:
+    kube, events = recorder
+    events.post(Notice("PersistentVolume", "pv", Reason.PROVISIONED, "made", uid="u"))
+    events.close(5)
+    events.post(Notice("PersistentVolume", "pv", Reason.PROVISIONED, "late"))
+    assert [e["message"] for e in kube.events] == ["made"]
+    assert kube.events[0]["type"] == "Normal"
+
+
+def test_reasons_carry_their_event_type() -> None:
+    assert Reason.PROVISIONED.event_type == "Normal"
+    assert Reason.VOLUME_CLEANED.event_type == "Normal"
+    assert {r.event_type for r in Reason if r not in (Reason.PROVISIONED,
+                                                        Reason.VOLUME_CLEANED)} == {"Warning"}
+    assert str(Once(Scope.MISSING, "pv/uid")) == "missing/pv/uid"
+
+
+# -- config reloads ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(tmp_path)
+    yield r
+    r.close()
+
+
+def test_a_valid_config_edit_applies_and_a_bad_one_is_rejected(rig: Rig) -> None:
+    rig.host.add(CLASS, "a")
+    rig.host.add("fast", "f")
+    rig.kube.add_storage_class("fast")
+    rig.start()
+    rig.pass_()
+    assert rig.pv("f", "fast") is None
+    rig.write_config({**rig.classes, "fast": {"hostDir": "/mnt/fast"}})
+    assert rig.loop._reload_config()
+    assert not rig.loop._reload_config()  # unchanged since
+    rig.pass_()
+    assert rig.pv("f", "fast") is not None
+    rig.config_path.write_text("storageClassMap: {fast: {volumeMode: Blok}}\n")
+    assert not rig.loop._reload_config()
+    assert sorted(c.name for c in rig.loop.config.classes) == ["fast", CLASS]  # the last good
+    assert rig.loop.events.drain(5)
+    assert rig.reasons()[-1] == "ConfigRejected"
+    assert rig.loop.reloader.counts() == {"applied": 1, "rejected": 1}
+
+
+def test_a_config_fix_ends_a_backoff_wait_at_once(rig: Rig) -> None:
+    rig.start()
+    waited = threading.Thread(target=rig.loop._backoff_wait, args=(60.0,))
+    started = time.monotonic()
+    waited.start()
+    rig.write_config({**rig.classes, "fast": {"hostDir": "/mnt/fast"}})
+    waited.join(30)
+    assert not waited.is_alive() and time.monotonic() - started < 30
+
+
+# -- the run loop ------------------------------------------------------------------------------
+
+
+def test_the_loop_runs_passes_on_wake_ups_and_stops_promptly(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, resync_period=3600.0, debounce=0.0)
+    rig.kube.watch_timeout = 0.05
+    rig.host.add(CLASS, "a")
+    loop = threading.Thread(target=rig.loop.run, name="reconcile")
+    loop.start()
+    try:
+        eventually(lambda: rig.pv("a"), what="the first PV")
+        passes = rig.loop.state.passes
+        rig.host.add(CLASS, "b")
+        rig.loop.waker.wake("udev")
+        eventually(lambda: rig.pv("b"), what="the PV of a hot-added disk")
+        assert rig.loop.state.passes > passes and rig.loop.state.first_sync_done
+        rig.kube.remove_pv(rig.name("a"))  # deleted by hand: the watch wakes the loop
+        eventually(lambda: rig.pv("a"), what="the PV made again")
+    finally:
+        stopped = time.monotonic()
+        rig.loop.shutdown()
+        loop.join(10)
+        assert not loop.is_alive() and time.monotonic() - stopped < 5
+        rig.close()
+    assert rig.kube.events and all(e["reason"] == "Provisioned" for e in rig.kube.events)
+
+
+def test_failed_passes_back_off_and_only_non_api_streaks_count_as_wedged(
+        tmp_path: Path, fast_backoff: None) -> None:
+    rig = Rig(tmp_path, resync_period=3600.0, debounce=0.0)
+    rig.kube.watch_timeout = 0.05
+    rig.host.add(CLASS, "a")
+    rig.kube.fail("get_node", ApiError("get", 0, "refused"))  # startup retries
+    rig.kube.fail("create_pv", times=2)
+    loop = threading.Thread(target=rig.loop.run, name="reconcile")
+    loop.start()
+    try:
+        eventually(lambda: rig.pv("a"), timeout=30, what="the PV after the API recovered")
+        assert rig.kube.calls["create_pv"] == 3
+        assert not rig.loop.wedged(0.0)  # the API's fault: never a restart
+        rig.loop.state.failing_since = time.monotonic() - 10
+        rig.loop.state.failing_for_api = False
+        assert rig.loop.wedged(5.0)
+    finally:
+        rig.loop.shutdown()
+        loop.join(10)
+        rig.close()
+
+
+def test_a_crashing_or_host_failing_pass_is_retried(rig: Rig, monkeypatch: pytest.MonkeyPatch,
+                                                    fast_backoff: None) -> None:
+    rig.host.add(CLASS, "a")
+    calls = []
+
+    def broken(config: object) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error")
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(rig.host, "snapshot", broken)
+    rig.kube.watch_timeout = 0.05
+    loop = threading.Thread(target=rig.loop.run, name="reconcile")
+    loop.start()
+    try:
+        eventually(lambda: len(calls) >= 3, what="passes retried after failures")
+        assert rig.loop.state.failing_since is not None and not rig.loop.state.failing_for_api
+    finally:
+        rig.loop.shutdown()
+        loop.join(10)
+
+
+# -- backoff and records -----------------------------------------------------------------------
+
+
+def test_backoff_doubles_to_its_bound_with_jitter_that_only_shortens() -> None:
+    assert [exponential(n, 1.0, 60.0, rand=lambda: 0.0) for n in (1, 2, 3, 7, 8, 500)] == [
+        1.0, 2.0, 4.0, 60.0, 60.0, 60.0]
+    assert exponential(3, 1.0, 60.0, rand=lambda: 1.0) == pytest.approx(3.2)
+    backoff = Backoff(rand=lambda: 0.5)
+    assert [backoff.next_delay() for _ in range(3)] == [0.9, 1.8, 3.6]
+    backoff.reset()
+    assert backoff.next_delay() == 0.9
+    assert resync_period(300.0, rand=lambda: 0.0) == 300.0
+    assert resync_period(300.0, rand=lambda: 0.999) < 600.0
+    spread = {round(resync_period(300.0)) for _ in range(50)}
+    assert len(spread) > 10 and all(300 <= p < 600 for p in spread)
+
+
+def test_the_cleaning_record_round_trips_and_tolerates_anything() -> None:
+    running = CleaningRecord.running("node-1/abc", 2, 1000.0)
+    assert CleaningRecord.from_annotation(running.to_annotation()) == running
+    failed = CleaningRecord.failed(3, 2000.0, "x" * 900)
+    back = CleaningRecord.from_annotation(failed.to_annotation())
+    assert back == failed and len(back.error) == 500
+    assert back.state is CleaningState.FAILED
+    for junk in ("", "not json", "[]", '{"heartbeat": "soon"}', '{"attempts": 1e400}',
+                 '{"state": "exploded"}'):
+        assert CleaningRecord.from_annotation(junk).state is CleaningState.NONE
+    legacy = '{"state": "running", "by": "n/x", "heartbeat": 5, "attempts": 0, "retryAfter": 0}'
+    assert CleaningRecord.from_annotation(legacy).live_elsewhere("me", 10.0, 60.0)
+    assert not CleaningRecord.from_annotation(legacy).live_elsewhere("n/x", 10.0, 60.0)
