@@ -367,3 +367,57 @@ def test_without_a_job_image_a_block_volume_is_cleaned_in_process(
         assert rig.kube.pvs[name]["metadata"]["uid"] != uid
     finally:
         rig.close()
+
+
+def test_a_job_is_not_created_when_the_disk_fails_the_checks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rig = job_rig(tmp_path, monkeypatch, job_image="cleaner:1", namespace="ns")
+    try:
+        name = block_released(rig)
+
+        def busy(path: str, device: str) -> None:
+            raise CleanError(f"{path} is in use")
+
+        monkeypatch.setattr("agent.jobclean.verify_block_device", busy)
+        rig.pass_()
+        assert rig.kube.jobs == {}
+        assert record(rig, name).state is CleaningState.FAILED
+        assert "VolumeFailedDelete" in rig.reasons()
+        assert rig.cleaner is not None
+        rig.cleaner.identify = lambda job: {"wwn": "0xother"}
+        monkeypatch.setattr("agent.jobclean.verify_block_device", lambda p, d: None)
+        rig.kube.update_pv(name, lambda pv: pv["metadata"]["annotations"].update({
+            CLEANING_ANNOTATION: CleaningRecord.failed(1, 0.0, "x").to_annotation()}))
+        rig.pass_()
+        assert rig.kube.jobs == {}  # a different disk: no Job, nothing recorded as failed
+        assert record(rig, name).state is CleaningState.RUNNING
+    finally:
+        rig.close()
+
+
+def test_job_api_failures_are_retried_and_a_foreign_job_is_removed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rig = job_rig(tmp_path, monkeypatch, job_image="cleaner:1", namespace="ns")
+    try:
+        name = block_released(rig)
+        rig.kube.fail("create_job")
+        rig.pass_()
+        assert rig.kube.jobs == {}
+        rig.kube.update_pv(name, lambda pv: pv["metadata"]["annotations"].pop(
+            CLEANING_ANNOTATION))
+        rig.pass_()
+        ((_, job_name),) = rig.kube.jobs
+        rig.kube.fail("get_job")
+        rig.pass_()  # cannot look at it now: later
+        rig.kube.jobs[("ns", job_name)]["metadata"]["labels"]["pvuuid"] = "an-earlier-pv"
+        rig.pass_()  # it says nothing about this PV: removed, and a Job made for this one
+        uid = rig.kube.pvs[name]["metadata"]["uid"]
+        assert rig.kube.jobs[("ns", job_name)]["metadata"]["labels"]["pvuuid"] == uid
+        rig.kube.jobs[("ns", job_name)]["status"] = {"succeeded": 1}
+        rig.kube.fail("delete_job")
+        rig.pass_()
+        assert name in rig.kube.pvs  # the finished Job is deleted first, then the PV
+        rig.pass_()
+        assert rig.kube.jobs == {} and record(rig, name).state is CleaningState.NONE
+    finally:
+        rig.close()
