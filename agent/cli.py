@@ -50,6 +50,9 @@ RECLAIM_POLICIES = ("Delete", "Retain", "Recycle")
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "remediate":  # cluster-wide: no node, no ConfigMap
+        from agent.remediator import main as remediate  # noqa: PLC0415
+        return remediate(args)
     args.node_name_given = bool(args.node_name)
     args.node_name = args.node_name or socket.gethostname()
     log_handler = logging.StreamHandler(sys.stderr)
@@ -431,6 +434,11 @@ def _parser() -> argparse.ArgumentParser:
     run_p.add_argument("--clean-retry-base", type=float, default=30.0,
                        help="first retry delay after a failed clean, doubling up to an hour "
                             "(default: %(default)s)")
+    from agent.remediate import add_arguments as remediate_arguments  # noqa: PLC0415
+
+    remediate_arguments(sub.add_parser(
+        "remediate", help="cluster-wide controller: give a lost node's StatefulSet replicas "
+                          "fresh claims on other nodes (opt-in per StorageClass)"), env)
     return parser
 
 

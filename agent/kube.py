@@ -263,3 +263,102 @@ def _api_message(exc: ApiException) -> str:
         return str(json.loads(exc.body or "{}").get("message") or exc.reason)
     except (TypeError, ValueError):
         return str(exc.reason)
+
+
+class ClusterKube(Kube):
+    """The cluster-wide calls of `localpv-agent remediate`: Nodes and PVs of every node, the
+    claims, pods and StatefulSets of lost nodes' PVs, and the Lease of its leader election.
+    Objects are plain dicts here too; reads of a missing object answer None."""
+
+    LISTS = (("nodes", "list_node"), ("persistentvolumes", "list_persistent_volume"),
+             ("pods", "list_pod_for_all_namespaces"))  # the kinds list_all and watch_all know
+
+    def __init__(self, kubeconfig: str | None = None, observe: RequestObserver | None = None,
+                 timeout: float = 30.0) -> None:
+        super().__init__(kubeconfig, observe=observe, timeout=timeout)
+        api = self._core.api_client
+        self._apps = client.AppsV1Api(api)
+        self._coordination = client.CoordinationV1Api(api)
+
+    def list_all(self, kind: str, field_selector: str = "",
+                 limit: int = 500) -> tuple[list[dict[str, Any]], str]:
+        """Every object of a kind in `LISTS`, page by page, and the list's resourceVersion."""
+        lister = getattr(self._core, dict(self.LISTS)[kind])
+        found: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"limit": limit, "field_selector": field_selector}
+            if token:
+                kwargs["_continue"] = token
+            page = self._call("list", lambda kw=kwargs: lister(  # type: ignore[misc]
+                _preload_content=False, _request_timeout=self._timeout, **kw))
+            found.extend(page.get("items") or [])
+            token = page["metadata"].get("continue")
+            if not token:
+                return found, page["metadata"].get("resourceVersion", "")
+
+    def watch_all(self, kind: str, resource_version: str, field_selector: str = "",
+                  timeout_seconds: int = 300) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Watch events (type, object) of a kind from a version; ApiError(410) when expired."""
+        lister = getattr(self._core, dict(self.LISTS)[kind])
+        w = watch.Watch()
+        start = time.monotonic()
+        try:
+            for event in w.stream(
+                lister, field_selector=field_selector, resource_version=resource_version,
+                timeout_seconds=timeout_seconds, allow_watch_bookmarks=True, deserialize=False,
+                _request_timeout=timeout_seconds + 30,
+            ):
+                yield event["type"], event["object"]
+            self._count("watch", "ok", time.monotonic() - start)
+        except ApiException as exc:
+            self._count("watch", "error", time.monotonic() - start, exc.status or 0)
+            raise ApiError("watch", exc.status or 0, str(exc.reason)) from None
+        except (HTTPError, OSError) as exc:
+            self._count("watch", "error", time.monotonic() - start, 0)
+            raise ApiError("watch", 0, str(exc)) from None
+        finally:
+            w.stop()
+
+    def get_pvc(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._get_or_none(lambda: self._core.read_namespaced_persistent_volume_claim(
+            name, namespace, _preload_content=False, _request_timeout=self._timeout))
+
+    def delete_pvc(self, namespace: str, name: str, uid: str, resource_version: str) -> None:
+        """Delete a claim only if it is still exactly the object that was decided on."""
+        pre = client.V1Preconditions(uid=uid, resource_version=resource_version or None)
+        self._call("delete", lambda: self._core.delete_namespaced_persistent_volume_claim(
+            name, namespace, body=client.V1DeleteOptions(preconditions=pre),
+            _preload_content=False, _request_timeout=self._timeout))
+
+    def list_pods(self, namespace: str) -> list[dict[str, Any]]:
+        page = self._call("list", lambda: self._core.list_namespaced_pod(
+            namespace, _preload_content=False, _request_timeout=self._timeout))
+        return list(page.get("items") or [])
+
+    def get_statefulset(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._get_or_none(lambda: self._apps.read_namespaced_stateful_set(
+            name, namespace, _preload_content=False, _request_timeout=self._timeout))
+
+    def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._get_or_none(lambda: self._coordination.read_namespaced_lease(
+            name, namespace, _preload_content=False, _request_timeout=self._timeout))
+
+    def create_lease(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        manifest: Any = dict(body)
+        return self._call("create", lambda: self._coordination.create_namespaced_lease(
+            namespace, manifest, _preload_content=False, _request_timeout=self._timeout))
+
+    def replace_lease(self, namespace: str, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Write the whole Lease; fails with 409 unless its resourceVersion is still current."""
+        manifest: Any = dict(body)
+        return self._call("update", lambda: self._coordination.replace_namespaced_lease(
+            name, namespace, manifest, _preload_content=False, _request_timeout=self._timeout))
+
+    def _get_or_none(self, request: Callable[[], Any]) -> dict[str, Any] | None:
+        try:
+            return self._call("get", request)
+        except ApiError as exc:
+            if exc.not_found:
+                return None
+            raise

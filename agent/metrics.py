@@ -739,3 +739,61 @@ class HealthServer:
 def stalled_after(seconds: float, heartbeat: Callable[[], float]) -> Callable[[], bool]:
     """A liveness check: healthy while the heartbeat is younger than `seconds`."""
     return lambda: time.monotonic() - heartbeat() < seconds
+
+
+# --- localpv-agent remediate ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RemediationSample:
+    """The remediation controller's state at scrape time."""
+
+    lost_nodes: int = 0  # nodes holding opted-in PVs that a trigger declared lost
+    unavailable_nodes: int = 0  # nodes holding opted-in PVs that are down: the guard's count
+    allowed_unavailable: int = 0  # the guard's budget
+    blocked: bool = False  # the guard holds: nothing is deleted
+    leader: bool = False
+    passes: int = 0
+    ready: bool = False
+
+
+class RemediationMetrics:
+    """The metrics of `localpv-agent remediate`, added to the registry of a `Metrics` (which
+    brings the API request metrics and the HTTP server's own)."""
+
+    def __init__(self, metrics: Metrics, sample: Callable[[], RemediationSample]) -> None:
+        self.remediations = Counter(
+            f"{OWN}_remediations_total",
+            "Remediation outcomes by trigger and result: claim_deleted, pv_deleted, dry_run, "
+            "blocked (the partition guard), rate_limited, opted_out, not_statefulset, "
+            "conflict (the object changed), failed.", ["trigger", "result"],
+            registry=metrics.registry)
+        metrics.registry.register(_RemediationCollector(sample))
+
+    def count(self, trigger: str, result: str) -> None:
+        self.remediations.labels(trigger, result).inc()
+
+
+class _RemediationCollector(Collector):
+    def __init__(self, sample: Callable[[], RemediationSample]) -> None:
+        self.sample = sample
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.sample()
+        gauges = (
+            ("lost_nodes", "Nodes holding opted-in PVs that a trigger declared lost.",
+             s.lost_nodes),
+            ("unavailable_nodes", "Nodes holding opted-in PVs that are down (deleted, not "
+             "Ready or out of service): what the partition guard counts.", s.unavailable_nodes),
+            ("unavailable_nodes_allowed", "The partition guard's budget "
+             "(--max-unavailable-nodes).", s.allowed_unavailable),
+            ("blocked_by_guard", "1 while more nodes are down than allowed: nothing is "
+             "remediated.", int(s.blocked)),
+            ("remediation_leader", "1 on the replica holding the Lease (the only one acting).",
+             int(s.leader)),
+            ("ready", "1 once the caches are synced and the API answers.", int(s.ready)),
+        )
+        for name, doc, value in gauges:
+            yield GaugeMetricFamily(f"{OWN}_{name}", doc, value=value)
+        yield CounterMetricFamily(f"{OWN}_remediation_passes", "Remediation passes run.",
+                                  value=s.passes)

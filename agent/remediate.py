@@ -23,7 +23,9 @@ Everything here leans towards doing nothing:
 
 from __future__ import annotations
 
+import argparse
 import math
+import re
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +38,7 @@ Obj = Mapping[str, Any]
 
 OPT_OUT_ANNOTATION = ANNOTATION_PREFIX + "remediate"  # "false" on a claim or a StatefulSet
 OUT_OF_SERVICE_TAINT = "node.kubernetes.io/out-of-service"
+DEFAULT_LEASE = "localpv-agent-remediate"
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
 
 
@@ -537,3 +540,79 @@ def released(lease: Obj, me: str, wall: str) -> dict[str, Any] | None:
             "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace"),
                          "resourceVersion": meta.get("resourceVersion")}, "spec": spec}
 
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds, as a plain number (`60`, the upstream's reading) or a Go duration (`1m30s`)."""
+    value = text.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        parts = _DURATION_PART.findall(value)
+        if not parts or "".join(n + u for n, u in parts) != value:
+            raise ValueError(f"want seconds (60) or a duration (1m30s), got {text!r}") from None
+        seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"want a finite, non-negative duration, got {text!r}")
+    return seconds
+
+
+def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    """The `remediate` subcommand's flags (the upstream's names where it has them); `env`
+    gives the defaults of KUBECONFIG, MY_NAMESPACE and POD_NAME."""
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="log lines as text or as one JSON object each")
+    parser.add_argument("--kubeconfig", default=env.get("KUBECONFIG"),
+                        help="kubeconfig file (default: $KUBECONFIG, else in-cluster)")
+    parser.add_argument("--storageclass-names", action="append", default=[],
+                        help="comma-separated StorageClasses whose PVs may be remediated; "
+                             "nothing is without it (repeatable)")
+    parser.add_argument("--pvc-deletion-delay", type=parse_duration, default=60.0,
+                        help="seconds (or 1m30s) a deleted Node has to come back (default: 60)")
+    parser.add_argument("--stale-pv-discovery-interval", type=parse_duration, default=10.0,
+                        help="seconds between passes when nothing changes: stale PVs of deleted "
+                             "Nodes are found and claims waiting on pods checked (default: 10)")
+    parser.add_argument("--trigger-node-deleted", action=argparse.BooleanOptionalAction,
+                        default=True, help="a deleted Node not back within the delay is lost "
+                                           "(default: on)")
+    parser.add_argument("--trigger-out-of-service", action=argparse.BooleanOptionalAction,
+                        default=True, help="a NotReady Node with the node.kubernetes.io/"
+                                           "out-of-service taint is lost (default: on)")
+    parser.add_argument("--trigger-not-ready", action=argparse.BooleanOptionalAction,
+                        default=False, help="a Node NotReady for --not-ready-timeout is lost "
+                                            "(default: off)")
+    parser.add_argument("--not-ready-timeout", type=parse_duration, default=300.0,
+                        help="seconds NotReady before --trigger-not-ready fires (default: 300)")
+    parser.add_argument("--max-unavailable-nodes", type=Budget.parse, default=Budget(percent=10),
+                        help="nodes holding opted-in PVs that may be down at once, a count or a "
+                             "percent (never below 1); beyond it nothing is remediated "
+                             "(default: 10%%)")
+    parser.add_argument("--max-claims-per-minute", type=int, default=10,
+                        help="claims deleted in any minute at most (default: %(default)s)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="delete nothing; log and post Events for what would be deleted")
+    parser.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=True,
+                        help="elect one acting replica through a Lease (default: on)")
+    parser.add_argument("--lease-name", default=DEFAULT_LEASE)
+    parser.add_argument("--lease-namespace", default=env.get("MY_NAMESPACE") or "localpv-agent")
+    parser.add_argument("--lease-duration", type=int, default=15,
+                        help="seconds a silent leader keeps the Lease (default: %(default)s)")
+    parser.add_argument("--renew-deadline", type=float, default=10.0,
+                        help="seconds after its last renewal a leader stops acting "
+                             "(default: %(default)s)")
+    parser.add_argument("--retry-period", type=float, default=2.0,
+                        help="seconds between leader election rounds (default: %(default)s)")
+    parser.add_argument("--id", default=env.get("POD_NAME") or "",
+                        help="this replica's identity in the Lease (default: $POD_NAME, else "
+                             "the host name and a random suffix)")
+    parser.add_argument("--listen-address", default=":8080",
+                        help="address for /metrics, /healthz and /ready; empty to disable")
+    parser.add_argument("--port-file", default=None,
+                        help="write the bound HTTP port here (useful with port 0)")

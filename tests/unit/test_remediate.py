@@ -24,6 +24,7 @@ from agent.remediate import (
     decide_claim,
     lease_step,
     observe,
+    parse_duration,
     pinned_hostname,
     released,
     statefulsets_to_read,
@@ -391,3 +392,16 @@ def test_released_lease_is_taken_at_once_and_only_mine_is_released() -> None:
     assert body is not None and body["spec"]["holderIdentity"] == ""
     assert body["metadata"]["resourceVersion"] == "3"
     assert released(lease("other"), "me", WALL) is None
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("60", 60.0), ("0", 0.0), ("2.5", 2.5), ("1m30s", 90.0), ("500ms", 0.5), ("1h", 3600.0),
+])
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "-1", "1d", "inf", "nan", "1m x", "s"])
+def test_durations_rejected(text: str) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(text)
