@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: venv test lint demo demo-scan image clean
+.PHONY: venv test test-fast lint demo demo-scan image clean
 
 venv: $(STAMP)
 
@@ -18,6 +18,12 @@ test: venv
 
 lint: venv
 	VENV=$(VENV) scripts/lint
+
+# The tier a maintainer works with: lint, then the unit tests (the loop on the in-memory API
+# and a fake host included) with coverage per module. No root, no cluster.
+test-fast: venv
+	VENV=$(VENV) scripts/lint
+	$(VENV)/bin/pytest -q -p no:cacheprovider --cov --cov-report=term tests/unit
 
 demo: venv
 	$(VENV)/bin/python scripts/demo

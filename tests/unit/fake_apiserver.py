@@ -162,7 +162,7 @@ def serving(fake: FakeKube, workdir: Path) -> Iterator[tuple[Path, list[tuple[st
     handler = type("Handler", (_Handler,), {"fake": fake, "seen": seen})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     kubeconfig = workdir / "kubeconfig"
     kubeconfig.write_text(json.dumps({

@@ -75,7 +75,9 @@ class Rig:
             self.loop.attach_cleaner(self.cleaner)
 
     def write_config(self, classes: dict[str, dict[str, Any]], **top: Any) -> None:
-        self.config_path.write_text(yaml.safe_dump({"storageClassMap": classes, **top}))
+        edit = self.config_path.with_suffix(".new")  # replaced whole, as the kubelet does
+        edit.write_text(yaml.safe_dump({"storageClassMap": classes, **top}))
+        edit.rename(self.config_path)
 
     def start(self) -> Rig:
         """The loop's startup, with the watch run by `pump` instead of a thread."""

@@ -166,7 +166,7 @@ def test_run_with_event_sources_starts_them(
     fake = FakeKube(watch_timeout=0.05)
     fake.add_node("n1")
     monkeypatch.setattr("agent.kube.Kube", lambda *a, **kw: fake)
-    stopper = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+    stopper = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT))
     stopper.start()
     with caplog.at_level(logging.INFO):
         assert cli.main(["run", "--config", str(config), "--node-name", "n1",

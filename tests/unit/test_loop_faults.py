@@ -60,8 +60,9 @@ def test_a_config_edit_is_picked_up_while_backing_off(tmp_path: Path) -> None:
     waited = threading.Thread(target=loop._backoff_wait, args=(60.0,))
     started = time.monotonic()
     waited.start()
-    (tmp_path / "config.yaml").write_text(
-        CONFIG.format(dir=tmp_path / "disks") + "  fast:\n    hostDir: /mnt/fast\n")
+    edit = tmp_path / "config.yaml.new"  # replaced whole, as the kubelet swaps a ConfigMap
+    edit.write_text(CONFIG.format(dir=tmp_path / "disks") + "  fast:\n    hostDir: /mnt/fast\n")
+    edit.rename(tmp_path / "config.yaml")
     waited.join(30)
     assert not waited.is_alive() and time.monotonic() - started < 30
     assert sorted(c.name for c in loop.config.classes) == ["fast", "local-storage"]
