@@ -120,8 +120,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
         print(f"localpv-agent: cannot use the state dir {args.state_dir}: {exc}",
               file=sys.stderr)
         return EXIT_CONFIG
-    reconciler = Reconciler(kube, _host_reader(args), config, _settings(args, resync), dirty,
-                            Hooks(on_pass=on_pass, on_clean=on_clean))
+    reconciler = Reconciler(kube, _host_reader(args), config, _settings(args, resync),
+                            dirty=dirty, hooks=Hooks(on_pass=on_pass, on_clean=on_clean))
     loop_progress.append(reconciler.note_progress)
     reconciler.attach_cleaner(_cleaner(args, reconciler))
     metrics.watch_state(lambda: sample_state(reconciler, kube))

@@ -84,8 +84,9 @@ class Hooks:
 class Reconciler:
     """Keeps exactly one PV per discovered volume of one node."""
 
-    def __init__(self, kube: Kube, reader: HostReader, config: Config, settings: RunSettings,
-                 dirty: DirtyStore | None = None, hooks: Hooks | None = None) -> None:
+    def __init__(  # noqa: PLR0913 - the wiring's six inputs; the parts get one Context each
+            self, kube: Kube, reader: HostReader, config: Config, settings: RunSettings, *,
+            dirty: DirtyStore | None = None, hooks: Hooks | None = None) -> None:
         self.reader = reader
         self.hooks = hooks = hooks or Hooks()
         self.stop = threading.Event()
@@ -211,10 +212,15 @@ class Reconciler:
         selector = pvs.label_selector(node)
         found, version = self.ctx.kube.list_pv_snapshot(selector)
         self.cache.replace(found, version)
-        self.watcher = PVWatcher(
-            self.ctx.kube, self.cache, selector, self.stop, on_relist=self.wake.set,
-            on_change=None if self.settings.poll_period else self.waker.wake)
+        self.watcher = PVWatcher(self.ctx.kube, self.cache, selector, self.stop, self._watched)
         self.watcher.start()
+
+    def _watched(self, source: str) -> None:
+        """The watch saw something worth a pass (in poll mode, only a fresh list is)."""
+        if not source:
+            self.wake.set()
+        elif not self.settings.poll_period:
+            self.waker.wake(source)
 
     def _retry(self, step: Callable[[], None]) -> bool:
         backoff = Backoff()

@@ -215,12 +215,13 @@ def retry_delay(attempts: int, base: float = RETRY_BASE,
     return exponential(attempts, base, RETRY_MAX, rand=rand)
 
 
-def recycle(
+def recycle(  # noqa: PLR0913 - every fact of the pass it decides on, as plain values
     ours: Mapping[str, PV],
     states: Mapping[str, tuple[VolumeState, Mapping[str, str]]],
     present: frozenset[str],
     dirty: frozenset[str],
     running: frozenset[str],
+    *,
     now: float,
     retry_at: Mapping[str, float] | None = None,
     me: str = "",
@@ -284,11 +285,9 @@ def recycle(
         decisions.append(CleanDecision(path, name, uid, pvs.resource_version(pv),
                                        record.attempts))
     hold = frozenset(p for p in dirty if p not in pv_paths)
-    for path in sorted(hold & present):
-        if path in running or (retry_at or {}).get(path, 0) > now:
-            continue
-        if cleanable is not None and path not in cleanable:
-            continue
-        decisions.append(CleanDecision(path, None))
+    decisions.extend(
+        CleanDecision(path, None) for path in sorted(hold & present)
+        if path not in running and (retry_at or {}).get(path, 0) <= now
+        and (cleanable is None or path in cleanable))
     return Recycling(tuple(decisions), hold, frozenset(cleaning), tuple(notices),
                      tuple(recheck))

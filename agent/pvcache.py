@@ -134,14 +134,14 @@ class PVWatcher:
     """Keeps a PVCache current on its own thread until `stop` is set."""
 
     def __init__(self, kube: Kube, cache: PVCache, selector: str, stop: threading.Event,
-                 on_relist: Callable[[], None],
-                 on_change: Callable[[str], None] | None = None) -> None:
+                 on_change: Callable[[str], None]) -> None:
         self.kube = kube
         self.cache = cache
         self.selector = selector
         self.stop = stop
-        self.on_relist = on_relist  # a fresh list may show anything: a pass
-        self.on_change = on_change  # a watch event worth a pass ("pv-deleted", "pv-modified")
+        # worth a pass: "" after a fresh list (it may show anything), "pv-deleted" or
+        # "pv-modified" for a watch event that changed a PV's existence, phase or claim
+        self.on_change = on_change
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -173,7 +173,7 @@ class PVWatcher:
         if not self.cache.version:
             found, version = self.kube.list_pv_snapshot(self.selector)
             self.cache.replace(found, version)
-            self.on_relist()
+            self.on_change("")
         for event_type, pv in self.kube.watch_pvs(self.selector, self.cache.version):
             if self.stop.is_set():
                 return
@@ -182,7 +182,7 @@ class PVWatcher:
                 continue
             before = self.cache.get(pvs.name(pv))
             self.cache.apply(event_type, pv)
-            if self.on_change is not None and _phase_changed(event_type, before, pv):
+            if _phase_changed(event_type, before, pv):
                 # a PV deleted by hand is recreated now, a Released one cleaned now
                 self.on_change("pv-" + event_type.lower())
 

@@ -71,8 +71,9 @@ class Recycler:
         cleanable = self.guard.verified_dirty(dirty, volumes)
         settings = self.ctx.settings
         return recycle(ours, states, frozenset(volumes), frozenset(dirty), self.running(),
-                       time.time(), {k: when for k, (when, _) in self._retry.items()},
-                       self.ctx.instance, settings.clean_stale_after, cleanable)
+                       now=time.time(), retry_at={k: t for k, (t, _) in self._retry.items()},
+                       me=self.ctx.instance, stale_after=settings.clean_stale_after,
+                       cleanable=cleanable)
 
     def cancel(self, paths: Iterable[str], why: str) -> None:
         for path in paths:

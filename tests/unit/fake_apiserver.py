@@ -72,6 +72,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._fail(error)
 
     def _dispatch(self, method: str, path: str, query: dict[str, str]) -> None:
+        if m := PV_PATH.match(path):
+            self._pvs(method, m[1], query)
+        elif m := JOB_PATH.match(path):
+            self._jobs(method, m[1], m[2])
+        else:
+            self._others(path)
+
+    def _others(self, path: str) -> None:
         fake = self.fake
         if m := NODE_PATH.match(path):
             node = fake.get_node(m[1])
@@ -84,29 +92,28 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ApiError("get", 404, "not found")
             self._send(200, sc)
             return
-        if m := EVENT_PATH.match(path):
+        if EVENT_PATH.match(path):
             body = self._body()
             fake.emit_event(body["involvedObject"], body["type"], body["reason"],
                             body["message"], body["source"]["host"])
             self._send(201, body)
             return
-        if m := JOB_PATH.match(path):
-            namespace, name = m[1], m[2]
-            if method == "POST":
-                self._send(201, fake.create_job(self._body()))
-            elif method == "GET":
-                job = fake.get_job(namespace, name)
-                if job is None:
-                    raise ApiError("get", 404, "not found")
-                self._send(200, job)
-            else:
-                fake.delete_job(namespace, name)
-                self._send(200, {"kind": "Status", "status": "Success"})
-            return
-        m = PV_PATH.match(path)
-        if m is None:
-            raise ApiError("route", 404, f"no route for {method} {path}")
-        name = m[1]
+        raise ApiError("route", 404, f"no route for {path}")
+
+    def _jobs(self, method: str, namespace: str, name: str | None) -> None:
+        if method == "POST":
+            self._send(201, self.fake.create_job(self._body()))
+        elif method == "GET":
+            job = self.fake.get_job(namespace, name or "")
+            if job is None:
+                raise ApiError("get", 404, "not found")
+            self._send(200, job)
+        else:
+            self.fake.delete_job(namespace, name or "")
+            self._send(200, {"kind": "Status", "status": "Success"})
+
+    def _pvs(self, method: str, name: str | None, query: dict[str, str]) -> None:
+        fake = self.fake
         if method == "GET" and name:
             pv = fake.get_pv(name)
             if pv is None:
@@ -118,14 +125,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._list(query)
         elif method == "POST":
             self._send(201, fake.create_pv(self._body()))
-        elif method == "PATCH":
+        elif method == "PATCH" and name:
             meta = self._body().get("metadata") or {}
             if "labels" in meta:
                 self._send(200, fake.patch_pv_labels(name, meta.get("uid", ""), meta["labels"]))
             else:
                 self._send(200, fake.patch_pv_annotations(
                     name, meta.get("resourceVersion", ""), meta.get("annotations") or {}))
-        else:
+        elif name:
             pre = self._body().get("preconditions") or {}
             fake.delete_pv(name, pre.get("uid", ""), pre.get("resourceVersion"))
             self._send(200, {"kind": "Status", "status": "Success"})

@@ -66,8 +66,9 @@ class Rig:
         self.dirty = DirtyStore(str(tmp_path / "state"))
         self.loop = Reconciler(
             self.kube, self.host, load_config(self.config_path),  # type: ignore[arg-type]
-            RunSettings(NODE, config_path=str(self.config_path), **settings), self.dirty,
-            Hooks(on_pass=lambda r, _: self.passes.append(r), on_clean=self.outcomes.append))
+            RunSettings(NODE, config_path=str(self.config_path), **settings), dirty=self.dirty,
+            hooks=Hooks(on_pass=lambda r, _: self.passes.append(r),
+                        on_clean=self.outcomes.append))
         self.cleaner: FakeCleaner | None = None
         if cleaner:
             self.cleaner = FakeCleaner(self.host, str(tmp_path / "state" / "locks"))

@@ -40,8 +40,7 @@ def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
 def watching(fast_backoff: None) -> Iterator[tuple[FakeKube, PVCache, list[str], threading.Event]]:
     kube = FakeKube(watch_timeout=0.05)
     cache, woken, stop = PVCache(), [], threading.Event()
-    watcher = PVWatcher(kube, cache, SELECTOR, stop, on_relist=lambda: woken.append("list"),
-                        on_change=woken.append)
+    watcher = PVWatcher(kube, cache, SELECTOR, stop, lambda s: woken.append(s or "list"))
     watcher.start()
     yield kube, cache, woken, stop
     stop.set()

@@ -31,7 +31,7 @@ def decide(pvs: list[dict[str, Any]], states: dict[str, Any] | None = None,
     ours = {p["metadata"]["name"]: p for p in pvs}
     states = states if states is not None else {n: PRESENT for n in ours}
     present = frozenset(f"/mnt/disks/{n}" for n in ours) | dirty
-    return recycle(ours, states, present, dirty, running, now, me=me, stale_after=60)
+    return recycle(ours, states, present, dirty, running, now=now, me=me, stale_after=60)
 
 
 def test_released_delete_is_cleaned_other_phases_and_policies_are_not() -> None:
@@ -99,7 +99,7 @@ def test_a_pv_whose_disk_cannot_be_recognised_is_never_cleaned() -> None:
 
 def test_a_dirty_volume_is_cleaned_only_when_its_disk_is_recognised() -> None:
     dirty = frozenset({"/mnt/disks/same", "/mnt/disks/other"})
-    result = recycle({}, {}, dirty, dirty, frozenset(), 1000.0,
+    result = recycle({}, {}, dirty, dirty, frozenset(), now=1000.0,
                      cleanable=frozenset({"/mnt/disks/same"}))
     assert result.hold == dirty  # neither is offered
     assert [d.key for d in result.clean] == ["/mnt/disks/same"]

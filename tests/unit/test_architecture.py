@@ -1,0 +1,41 @@
+"""What import-linter cannot see: pure modules read no files and call no `os` I/O either.
+
+The pure modules are the "Pure modules do no I/O" contract of pyproject.toml (config.py is not
+among them: it reads the ConfigMap's files).
+"""
+
+from __future__ import annotations
+
+import ast
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+OS_PURE = {"fsdecode", "fsencode", "sep", "PathLike"}  # names, not I/O
+
+
+def pure_modules() -> list[str]:
+    contracts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"][
+        "contracts"]
+    (pure,) = [c for c in contracts if c["name"] == "Pure modules do no I/O"]
+    return list(pure["source_modules"])
+
+
+@pytest.mark.parametrize("module", pure_modules())
+def test_a_pure_module_calls_no_file_or_os_io(module: str) -> None:
+    path = REPO / (module.replace(".", "/") + ".py")
+    problems = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
+                node.func.id in ("open", "__import__", "exec", "eval"):
+            problems.append(f"line {node.lineno}: {node.func.id}()")
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
+                node.value.id == "os" and node.attr not in OS_PURE:
+            problems.append(f"line {node.lineno}: os.{node.attr}")
+    assert problems == [], f"{module} does I/O: {problems}"
+
+
+def test_config_is_honestly_not_pure() -> None:
+    assert "agent.config" not in pure_modules()
