@@ -19,6 +19,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 
+from agent.backoff import Backoff
+
 log = logging.getLogger(__name__)
 
 IN_ATTRIB, IN_MOVED_FROM, IN_MOVED_TO = 0x4, 0x40, 0x80
@@ -96,15 +98,14 @@ class Source:
         return True
 
     def _run_forever(self) -> None:
-        delay = 1.0
+        backoff = Backoff(1.0, 30.0)
         while not self.stop.is_set():
             try:
                 self.run()
-                delay = 1.0
+                backoff.reset()
             except Exception as exc:  # a source must never die silently: count, resync, retry
                 self.waker.failed(self.name, f"{type(exc).__name__}: {exc}")
-                self.stop.wait(delay)
-                delay = min(delay * 2, 30.0)
+                self.stop.wait(backoff.next_delay())
 
     def run(self) -> None:
         raise NotImplementedError
