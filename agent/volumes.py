@@ -1,8 +1,8 @@
 """Turn a discovered volume into its PersistentVolume manifest.
 
 Pure. Names, capacity rounding, the provisioned-by annotation and the nodeAffinity follow the
-upstream provisioner exactly (DESIGN §2), so PVs it created are recognised and adopted rather
-than duplicated.
+upstream provisioner exactly (docs/architecture.md, "Compatibility with the upstream
+provisioner"), so PVs it created are recognised and adopted rather than duplicated.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""PV names, capacity rounding and the manifest: the upstream vectors of DESIGN §2."""
+"""PV names, capacity rounding and the manifest: the upstream provisioner's test vectors."""
 
 from __future__ import annotations
 
