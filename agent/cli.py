@@ -15,7 +15,6 @@ import signal
 import socket
 import sys
 import threading
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -285,13 +284,12 @@ def sample_state(reconciler: Reconciler, kube: Kube) -> AgentSample:
     from agent import pv as pvs  # noqa: PLC0415
     from agent.metrics import AgentSample, VolumeSample  # noqa: PLC0415
 
-    last = reconciler.state.last_pass
+    status = reconciler.status()
+    last = status.last_pass
     missing = set(last.plan.missing) if last else set()
     cleaning = set(last.cleaning) if last else set()
     volumes = []
-    for name, pv in sorted(reconciler.cache.snapshot().items()):
-        if not pvs.is_this_nodes(pv, reconciler.node):
-            continue
+    for name, pv in sorted(status.pvs.items()):
         volumes.append(VolumeSample(
             name=name, class_name=pvs.storage_class(pv), mode=pvs.volume_mode(pv),
             state=("missing" if name in missing else "cleaning" if name in cleaning
@@ -306,13 +304,11 @@ def sample_state(reconciler: Reconciler, kube: Kube) -> AgentSample:
         for e in last.discovery.exclusions:
             key = (e.class_name, e.reason.value)
             excluded[key] = excluded.get(key, 0) + 1
-    waker = reconciler.waker
     return AgentSample(
-        volumes=volumes, offered=offered, excluded=excluded, wakeups=dict(waker.wakeups),
-        source_failures=dict(waker.failures), sources_active=dict(waker.active),
-        api_requests=dict(kube.requests), config_reloads=reconciler.reloader.counts(),
-        held=dict(Counter(reconciler.recycler.guard.held.values())),
-        ready=reconciler.state.first_sync_done and kube.reachable)
+        volumes=volumes, offered=offered, excluded=excluded, wakeups=status.wakeups,
+        source_failures=status.source_failures, sources_active=status.sources_active,
+        api_requests=kube.request_counts(), config_reloads=status.config_reloads,
+        held=status.held, ready=status.first_sync_done and kube.reachable)
 
 
 def render_table(found: Discovery, manifests: Sequence[dict[str, Any]]) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -70,8 +71,14 @@ class Kube:
         self._batch = client.BatchV1Api(api)
         self._timeout = timeout
         self.requests: Counter[tuple[str, str]] = Counter()  # (verb, "ok" | "error")
+        self._requests_lock = threading.Lock()  # requests come from several threads
         self.reachable = False  # did the last request get an answer from a healthy server?
         self._observe = observe
+
+    def request_counts(self) -> dict[tuple[str, str], int]:
+        """Requests so far by (verb, "ok" | "error"), read safely from any thread."""
+        with self._requests_lock:
+            return dict(self.requests)
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -249,7 +256,8 @@ class Kube:
         return data
 
     def _count(self, verb: str, outcome: str, seconds: float, status: int = 200) -> None:
-        self.requests[(verb, outcome)] += 1
+        with self._requests_lock:
+            self.requests[(verb, outcome)] += 1
         self.reachable = 0 < status < 500
         if self._observe is not None:
             self._observe(verb, outcome, seconds)

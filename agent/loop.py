@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -71,6 +72,37 @@ class LoopState:
     failing_for_api: bool = False  # the streak is the API's fault, not the agent's
     last_pass: PassResult | None = None
     passes: int = 0
+
+    def failed(self, api: bool) -> None:
+        """A pass failed; a long streak not caused by the API fails /healthz."""
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+            self.failing_for_api = api
+        else:
+            self.failing_for_api = self.failing_for_api and api
+
+    def wedged(self, bound: float) -> bool:
+        """Passes have failed for longer than `bound`, and not only because the API is away:
+        a restart may help, so liveness says so. An unreachable API never counts: restarting
+        every agent of a cluster during an API outage helps nobody."""
+        since = self.failing_since
+        return (since is not None and not self.failing_for_api
+                and time.monotonic() - since > bound)
+
+
+@dataclass(frozen=True)
+class LoopStatus:
+    """What the state metrics show, taken from the loop at scrape time (any thread)."""
+
+    node: NodeInfo
+    pvs: Mapping[str, PV]  # this node's PVs
+    last_pass: PassResult | None
+    first_sync_done: bool
+    held: Mapping[str, int]  # dirty volumes held for an operator, by why
+    config_reloads: Mapping[str, int]
+    wakeups: Mapping[str, int]
+    source_failures: Mapping[str, int]
+    sources_active: Mapping[str, bool]
 
 
 @dataclass(frozen=True)
@@ -183,21 +215,20 @@ class Reconciler:
             self._wait_until(deadline)
 
     def _failed(self, backoff: Backoff, api: bool) -> float:
-        """Record a failed pass; a long streak not caused by the API fails /healthz."""
-        if self.state.failing_since is None:
-            self.state.failing_since = time.monotonic()
-            self.state.failing_for_api = api
-        else:
-            self.state.failing_for_api = self.state.failing_for_api and api
+        self.state.failed(api)
         return backoff.next_delay()
 
     def wedged(self, bound: float) -> bool:
-        """Passes have failed for longer than `bound`, and not only because the API is away:
-        a restart may help, so liveness says so. An unreachable API never counts: restarting
-        every agent of a cluster during an API outage helps nobody."""
-        since = self.state.failing_since
-        return (since is not None and not self.state.failing_for_api
-                and time.monotonic() - since > bound)
+        return self.state.wedged(bound)
+
+    def status(self) -> LoopStatus:
+        node = self.node
+        wakeups, failures, active = self.waker.counts()
+        return LoopStatus(
+            node, {n: pv for n, pv in self.cache.snapshot().items() if pvs.is_this_nodes(pv, node)},
+            self.state.last_pass, self.state.first_sync_done,
+            dict(Counter(self.recycler.guard.held.values())), self.reloader.counts(), wakeups,
+            failures, active)
 
     def note_progress(self) -> None:
         """The loop made progress (an API request answered or failed in time)."""

@@ -70,6 +70,11 @@ class Waker:
             self._alarms = [t for t in self._alarms if t > now]
             return min(self._alarms, default=float("inf"))
 
+    def counts(self) -> tuple[dict[str, int], dict[str, int], dict[str, bool]]:
+        """Wake-ups and failures by source, and which sources run (for metrics, any thread)."""
+        with self._lock:
+            return dict(self.wakeups), dict(self.failures), dict(self.active)
+
     def take_first_wake(self) -> float | None:
         with self._lock:
             first, self.first_wake = self.first_wake, None

@@ -139,6 +139,9 @@ class FakeKube:
             self._generation += 1
             self._lock.notify_all()
 
+    def request_counts(self) -> dict[tuple[str, str], int]:
+        return dict(self.requests)
+
     def reasons(self) -> list[str]:
         return [e["reason"] for e in self.events]
 

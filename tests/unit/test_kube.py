@@ -47,7 +47,8 @@ def test_reads_of_nodes_storage_classes_and_pvs(api: tuple) -> None:
     with pytest.raises(ApiError) as missing:
         kube.get_node("node-9")
     assert missing.value.not_found and "not found" in str(missing.value)
-    assert kube.requests[("get", "ok")] == 3 and kube.requests[("get", "error")] == 3
+    assert kube.request_counts()[("get", "ok")] == 3
+    assert kube.request_counts()[("get", "error")] == 3
     assert kube.reachable  # a 404 is an answer
     assert observed[0][:2] == ("get", "ok")
 
