@@ -156,6 +156,8 @@ class PVWatcher:
                 backoff.reset()
             except ApiError as exc:
                 self.cache.expire()  # the relist also proves the API is back
+                if self.stop.is_set():
+                    return  # the agent is stopping: its requests fail, quietly
                 if exc.gone:
                     log.info("PV watch expired; listing again")
                     self.stop.wait(min(backoff.next_delay(), RELIST_PAUSE_MAX))
