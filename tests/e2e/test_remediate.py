@@ -1,0 +1,746 @@
+"""`localpv-agent remediate` on a real control plane: KWOK nodes are deleted, shut down
+(NotReady, then the out-of-service taint), or come back, and the StatefulSet replica of a lost
+node gets a fresh claim on the spare node's PV while nothing else is touched; the guard, the
+opt-outs and the dry run delete nothing; two replicas elect one leader through a Lease; the
+controller runs with its own ServiceAccount token throughout.
+
+Each test has its own StorageClass, namespace and nodes, so their PVs and Events are its own.
+PVs are made with the agent's shape by the test, except in the last test, where real agents on
+real disks make them and one of them comes back after its node was lost.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from agent.volumes import pv_name
+from tests.disks import disks
+from tests.e2e.agents import (
+    REPO,
+    Agent,
+    events_for,
+    items,
+    pvs_of,
+    wait_for,
+    write_token_kubeconfig,
+)
+from tests.harness import process
+from tests.harness.controlplane import KWOK_NODE_ANNOTATION, ControlPlane
+
+ACCOUNT = "localpv-agent-remediate"
+NAMESPACE = "localpv-agent"
+RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
+OOS = "node.kubernetes.io/out-of-service"
+STS = "web"
+TEMPLATE = "data"
+FAST = ("--lease-duration", "4", "--renew-deadline", "3", "--retry-period", "1",
+        "--stale-pv-discovery-interval", "1")
+METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? ([^ ]+)$", re.M)
+
+
+# -- the controller --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def remediate_kubeconfig(cluster: ControlPlane, agent_kubeconfig: Path,
+                         tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A token of the controller's ServiceAccount, bound by remediate.yaml (its namespace
+    comes from daemonset.yaml, applied for `agent_kubeconfig`)."""
+    docs = [d for d in yaml.safe_load_all((REPO / "remediate.yaml").read_text())
+            if d and d["kind"] in RBAC_KINDS]
+    assert {d["kind"] for d in docs} == RBAC_KINDS
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
+    return write_token_kubeconfig(cluster, tmp_path_factory.mktemp("remediate") / "kubeconfig",
+                                  account=ACCOUNT, namespace=NAMESPACE)
+
+
+class Controller:
+    """`localpv-agent remediate` as a process, logging to a file, with a random HTTP port."""
+
+    def __init__(self, kubeconfig: Path, workdir: Path, *args: str, name: str = "a") -> None:
+        self.name = name
+        self.args = (*FAST, *args)
+        self.kubeconfig = kubeconfig
+        self.log_path = workdir / f"remediate-{name}-{time.monotonic_ns()}.log"
+        self.port_file = workdir / f"remediate-{name}.port"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Controller:
+        self.port_file.unlink(missing_ok=True)
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent.cli", "remediate", "--kubeconfig",
+                 str(self.kubeconfig), "--id", self.name, "--lease-namespace", NAMESPACE,
+                 "--listen-address", "127.0.0.1:0", "--port-file", str(self.port_file),
+                 *self.args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def metrics(self) -> dict[str, float]:
+        import urllib.request  # noqa: PLC0415
+
+        port = wait_for(lambda: self.port_file.exists() and self.port_file.read_text().strip(),
+                        30, f"controller {self.name} port", on_timeout=self.log)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        return {m[1] + (m[2] or ""): float(m[3]) for m in METRIC.finditer(text)}
+
+    def metric(self, name: str, **labels: str) -> float:
+        key = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+                      if labels else "")
+        return self.metrics().get(key, 0.0)
+
+    def passes(self) -> float:
+        return self.metric("localpv_agent_remediation_passes_total")
+
+    def leader(self) -> bool:
+        return self.alive() and self.metric("localpv_agent_remediation_leader") == 1.0
+
+    def wait_leader(self, timeout: float = 30) -> None:
+        wait_for(self.leader, timeout, f"controller {self.name} leading", on_timeout=self.log)
+
+    def wait_passes(self, count: int = 3, timeout: float = 60) -> None:
+        """Evidence that the controller looked again, `count` more times, at what is now."""
+        start = self.passes()
+        wait_for(lambda: self.passes() >= start + count, timeout,
+                 f"{count} passes of controller {self.name}", on_timeout=self.log)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.alive():
+            assert self.proc is not None
+            process.stop(self.proc, timeout=15)
+
+    def kill(self) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture
+def controllers(remediate_kubeconfig: Path, tmp_path: Path) -> Iterator[list[Controller]]:
+    """Controllers started by the test (`start(...)`), all stopped at its end."""
+    started: list[Controller] = []
+    yield started
+    for c in started:
+        c.stop()
+
+
+def start(started: list[Controller], kubeconfig: Path, workdir: Path, *args: str,
+          name: str = "a", lead: bool = True) -> Controller:
+    c = Controller(kubeconfig, workdir, *args, name=name).start()
+    started.append(c)
+    if lead:
+        c.wait_leader()
+    return c
+
+
+# -- a StatefulSet on KWOK nodes -------------------------------------------------------------------
+
+
+@dataclass
+class Scenario:
+    """A StorageClass, nodes with one PV each (the agent's shape), a namespace with a
+    StatefulSet `web` whose claims `data-web-<i>` use that class."""
+
+    name: str
+    nodes: list[str]
+    replicas: int
+    cls: str = ""
+    made_nodes: set[str] = field(default_factory=set)
+
+    @property
+    def ns(self) -> str:
+        return self.name
+
+
+def kubectl_json(cluster: ControlPlane, *args: str) -> Any:
+    return json.loads(cluster.kubectl(*args, "-o", "json").stdout)
+
+
+def node_uid(cluster: ControlPlane, node: str) -> str:
+    status, body = cluster.api("GET", f"/api/v1/nodes/{node}")
+    assert status == 200, body
+    return str(body["metadata"]["uid"])
+
+
+def agent_shaped_pv(cluster: ControlPlane, node: str, cls: str, entry: str = "disk") -> dict[str,
+                                                                                             Any]:
+    """The PV the agent writes for `entry` on `node` (name, labels, annotation, affinity)."""
+    return {
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": {
+            "name": pv_name(entry, node, cls),
+            "labels": {"kubernetes.io/hostname": node,
+                       "app.kubernetes.io/managed-by": "localpv-agent"},
+            "annotations": {"pv.kubernetes.io/provisioned-by":
+                            f"local-volume-provisioner-{node}-{node_uid(cluster, node)}"},
+        },
+        "spec": {
+            "capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Delete", "storageClassName": cls,
+            "volumeMode": "Filesystem", "local": {"path": f"/mnt/disks/{entry}"},
+            "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}]}},
+        },
+    }
+
+
+def statefulset(s: Scenario, tolerations: Sequence[dict[str, Any]] = (),
+                storage: str = "1Gi") -> dict[str, Any]:
+    labels = {"app": STS}
+    return {
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": STS, "namespace": s.ns},
+        "spec": {
+            "serviceName": STS, "replicas": s.replicas, "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": {
+                "containers": [{"name": "app", "image": "registry.invalid/app:1",
+                                "volumeMounts": [{"name": TEMPLATE, "mountPath": "/data"}]}],
+                "tolerations": list(tolerations),
+            }},
+            "volumeClaimTemplates": [{"metadata": {"name": TEMPLATE}, "spec": {
+                "storageClassName": s.cls, "accessModes": ["ReadWriteOnce"],
+                "resources": {"requests": {"storage": storage}}}}],
+        },
+    }
+
+
+def make_scenario(cluster: ControlPlane, name: str, nodes: int, replicas: int,
+                  tolerations: Sequence[dict[str, Any]] = (), pvs: bool = True) -> Scenario:
+    s = Scenario(name, [f"{name}-{i}" for i in range(1, nodes + 1)], replicas, cls=f"sc-{name}")
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([
+        {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+         "metadata": {"name": s.cls}, "provisioner": "kubernetes.io/no-provisioner",
+         "volumeBindingMode": "WaitForFirstConsumer", "reclaimPolicy": "Delete"},
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": s.ns}}]))
+    for node in s.nodes:
+        cluster.add_node(node)
+        s.made_nodes.add(node)
+        if pvs:
+            status, body = cluster.api("POST", "/api/v1/persistentvolumes",
+                                       agent_shaped_pv(cluster, node, s.cls))
+            assert status == 201, body
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(statefulset(s, tolerations)))
+    return s
+
+
+def running(cluster: ControlPlane, s: Scenario) -> dict[str, dict[str, str]]:
+    """Replica -> its pod's uid and node, its claim's uid and PV: running pods whose claim is
+    bound, only."""
+    claims = {c["metadata"]["name"]: c for c in
+              items(cluster, f"/api/v1/namespaces/{s.ns}/persistentvolumeclaims")}
+    found = {}
+    for pod in items(cluster, f"/api/v1/namespaces/{s.ns}/pods"):
+        meta = pod["metadata"]
+        claim = claims.get(f"{TEMPLATE}-{meta['name']}")
+        if pod["status"].get("phase") != "Running" or meta.get("deletionTimestamp") \
+                or claim is None or claim["status"].get("phase") != "Bound":
+            continue
+        found[meta["name"]] = {"pod": meta["uid"], "node": pod["spec"]["nodeName"],
+                               "claim": claim["metadata"]["uid"],
+                               "pv": claim["spec"]["volumeName"]}
+    return found
+
+
+def settle(cluster: ControlPlane, s: Scenario) -> dict[str, dict[str, str]]:
+    return wait_for(lambda: len(r := running(cluster, s)) == s.replicas and r, 120,
+                    f"{s.replicas} replicas of {s.name} running on their PVs")
+
+
+def claim_uid(cluster: ControlPlane, s: Scenario, replica: str) -> str | None:
+    status, body = cluster.api(
+        "GET", f"/api/v1/namespaces/{s.ns}/persistentvolumeclaims/{TEMPLATE}-{replica}")
+    return str(body["metadata"]["uid"]) if status == 200 else None
+
+
+def pv_exists(cluster: ControlPlane, name: str) -> bool:
+    return cluster.api("GET", f"/api/v1/persistentvolumes/{name}")[0] == 200
+
+
+def replaced(cluster: ControlPlane, s: Scenario, replica: str, before: dict[str, str],
+             timeout: float = 240) -> dict[str, str]:
+    """Wait for `replica` to run again with a new claim on another node's PV."""
+    return wait_for(
+        lambda: (r := running(cluster, s).get(replica)) and r["claim"] != before["claim"]
+        and r["node"] != before["node"] and r, timeout,
+        f"{replica} running with a new claim away from {before['node']}")
+
+
+def untouched(cluster: ControlPlane, s: Scenario, before: dict[str, dict[str, str]],
+              skip: str = "") -> None:
+    """The other replicas: same pod, claim, PV and node (UIDs unchanged)."""
+    now = running(cluster, s)
+    for replica, was in before.items():
+        if replica != skip:
+            assert now.get(replica) == was, (replica, was, now.get(replica))
+            assert pv_exists(cluster, was["pv"])
+
+
+def remediation_events(cluster: ControlPlane, s: Scenario) -> list[dict[str, Any]]:
+    return [e for e in items(cluster, f"/api/v1/namespaces/{s.ns}/events")
+            if e.get("source", {}).get("component") == "localpv-agent"]
+
+
+def teardown(cluster: ControlPlane, s: Scenario) -> None:
+    cluster.kubectl("delete", "statefulset", STS, "-n", s.ns, "--wait=false", check=False)
+    cluster.kubectl("delete", "pods", "--all", "-n", s.ns, "--grace-period=0", "--force",
+                    check=False)
+    cluster.kubectl("delete", "namespace", s.ns, "--wait=false", check=False)
+    for pv in items(cluster, "/api/v1/persistentvolumes"):
+        if pv["spec"].get("storageClassName") == s.cls:
+            cluster.kubectl("delete", "pv", pv["metadata"]["name"], "--wait=false", check=False)
+    for node in sorted(s.made_nodes):
+        cluster.kubectl("delete", "node", node, "--wait=false", check=False)
+    cluster.kubectl("delete", "storageclass", s.cls, "--wait=false", check=False)
+
+
+@pytest.fixture
+def scenarios(cluster: ControlPlane) -> Iterator[list[Scenario]]:
+    made: list[Scenario] = []
+    yield made
+    for s in made:
+        teardown(cluster, s)
+
+
+# -- losing a node, the ways it happens ------------------------------------------------------------
+
+
+def shut_down(cluster: ControlPlane, node: str) -> None:
+    """The node's kubelet is gone: the Node object stays, without KWOK behind it (made anew
+    without KWOK's annotation), and reports NotReady. Its pods stay as they were."""
+    obj = kubectl_json(cluster, "get", "node", node)
+    labels = obj["metadata"]["labels"]
+    cluster.kubectl("delete", "node", node, "--wait=true")
+    status, body = cluster.api("POST", "/api/v1/nodes", {
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": node, "labels": labels}})
+    assert status == 201, body
+    assert KWOK_NODE_ANNOTATION not in (body["metadata"].get("annotations") or {})
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    cluster.kubectl("patch", "node", node, "--subresource=status", "--type=merge", "-p",
+                    json.dumps({"status": {"conditions": [{
+                        "type": "Ready", "status": "False", "reason": "KubeletDown",
+                        "message": "shut down by the test", "lastHeartbeatTime": now,
+                        "lastTransitionTime": now}]}}))
+    wait_for(lambda: not cluster.node_ready(node), 30, f"{node} NotReady")
+
+
+def out_of_service(cluster: ControlPlane, node: str) -> None:
+    cluster.kubectl("taint", "nodes", node, f"{OOS}=nodeshutdown:NoExecute")
+
+
+def lost_by_deletion(cluster: ControlPlane, node: str) -> None:
+    cluster.kubectl("delete", "node", node, "--wait=true")
+
+
+# -- the tests -------------------------------------------------------------------------------------
+
+
+def test_deleted_node_replica_moves_to_the_spare_pv_and_nothing_else_changes(
+    cluster: ControlPlane, remediate_kubeconfig: Path, tmp_path: Path,
+    controllers: list[Controller], scenarios: list[Scenario],
+) -> None:
+    s = make_scenario(cluster, "rm-del", nodes=4, replicas=3)
+    scenarios.append(s)
+    before = settle(cluster, s)
+    c = start(controllers, remediate_kubeconfig, tmp_path, "--storageclass-names", s.cls,
+              "--pvc-deletion-delay", "5")
+    victim = before["web-1"]
+    spare = (set(s.nodes) - {r["node"] for r in before.values()}).pop()
+
+    lost_by_deletion(cluster, victim["node"])
+    after = replaced(cluster, s, "web-1", victim)
+
+    assert after["node"] == spare
+    assert after["pv"] == pv_name("disk", spare, s.cls)
+    untouched(cluster, s, before, skip="web-1")
+    wait_for(lambda: not pv_exists(cluster, victim["pv"]), 60, f"{victim['pv']} removed")
+    assert pv_exists(cluster, after["pv"])
+    reasons = {(e["involvedObject"]["kind"], e["involvedObject"]["name"], e["reason"])
+               for e in remediation_events(cluster, s)}
+    assert ("PersistentVolumeClaim", f"{TEMPLATE}-web-1", "ClaimRemediated") in reasons
+    assert ("StatefulSet", STS, "ClaimRemediated") in reasons
+    assert any(e["reason"] == "VolumeRemediated"
+               for e in events_for(cluster, "PersistentVolume", victim["pv"]))
+    metrics = c.metrics()
+    assert metrics['localpv_agent_remediations_total{result="claim_deleted",'
+                   'trigger="node_deleted"}'] == 1
+    assert metrics['localpv_agent_remediations_total{result="pv_deleted",'
+                   'trigger="node_deleted"}'] == 1
+
+
+def test_out_of_service_taint_on_a_shut_down_node_triggers_it(
+    cluster: ControlPlane, remediate_kubeconfig: Path, tmp_path: Path,
+    controllers: list[Controller], scenarios: list[Scenario],
+) -> None:
+    s = make_scenario(cluster, "rm-oos", nodes=4, replicas=3)
+    scenarios.append(s)
+    before = settle(cluster, s)
+    # The default deletion delay (60 s) does not apply: the taint is an operator's word.
+    start(controllers, remediate_kubeconfig, tmp_path, "--storageclass-names", s.cls)
+    victim = before["web-0"]
+    shut_down(cluster, victim["node"])
+    out_of_service(cluster, victim["node"])
+    after = replaced(cluster, s, "web-0", victim, timeout=180)
+    untouched(cluster, s, before, skip="web-0")
+    assert after["pv"] == pv_name("disk", after["node"], s.cls)
+    wait_for(lambda: not pv_exists(cluster, victim["pv"]), 60, f"{victim['pv']} removed")
+
+
+def test_not_ready_alone_does_nothing_unless_enabled(
+    cluster: ControlPlane, remediate_kubeconfig: Path, tmp_path: Path,
+    controllers: list[Controller], scenarios: list[Scenario],
+) -> None:
+    evict_fast = [{"key": f"node.kubernetes.io/{k}", "operator": "Exists", "effect": "NoExecute",
+                   "tolerationSeconds": 1} for k in ("not-ready", "unreachable")]
+    s = make_scenario(cluster, "rm-nr", nodes=4, replicas=3, tolerations=evict_fast)
+    scenarios.append(s)
+    before = settle(cluster, s)
+    victim = before["web-2"]
+    off = start(controllers, remediate_kubeconfig, tmp_path, "--storageclass-names", s.cls,
+                "--not-ready-timeout", "1", name="off")
+    shut_down(cluster, victim["node"])
+    pod = f"/api/v1/namespaces/{s.ns}/pods/web-2"
+    wait_for(lambda: cluster.api("GET", pod)[1]["metadata"].get("deletionTimestamp"), 60,
+             "web-2 evicted, stuck terminating on the NotReady node")
+    wait_for(lambda: "not-ready trigger is off" in off.log(), 30, "the controller's verdict",
+             on_timeout=off.log)
+    off.wait_passes(3)
+    assert claim_uid(cluster, s, "web-2") == victim["claim"]
+    assert remediation_events(cluster, s) == []
+    off.stop()
+
+    on = start(controllers, remediate_kubeconfig, tmp_path, "--storageclass-names", s.cls,
+               "--trigger-not-ready", "--not-ready-timeout", "2", name="on")
+    claim = f"/api/v1/namespaces/{s.ns}/persistentvolumeclaims/{TEMPLATE}-web-2"
+    wait_for(lambda: cluster.api("GET", claim)[1].get("metadata", {}).get("deletionTimestamp")
+             or cluster.api("GET", claim)[0] == 404, 60, "the claim deleted", on_timeout=on.log)
+    # No kubelet will ever confirm that pod's end: the operator force-deletes it, then the
+    # replica starts on the spare.
+    cluster.kubectl("delete", "pod", "web-2", "-n", s.ns, "--grace-period=0", "--force")
+    replaced(cluster, s, "web-2", victim)
+    untouched(cluster, s, before, skip="web-2")
+    assert on.metric("localpv_agent_remediations_total", result="claim_deleted",
+                     trigger="not_ready") == 1
+
+
+def test_node_back_within_the_delay_cancels(
+    cluster: ControlPlane, remediate_kubeconfig: Path, tmp_path: Path,
+    controllers: list[Controller], scenarios: list[Scenario],
+) -> None:
+    s = make_scenario(cluster, "rm-back", nodes=4, replicas=3)
+    scenarios.append(s)
+    before = settle(cluster, s)
+    delay = 15.0
+    c = start(controllers, remediate_kubeconfig, tmp_path, "--storageclass-names", s.cls,
+              "--pvc-deletion-delay", f"{delay:g}")
+    victim = before["web-1"]
+    gone_at = time.monotonic()
+    lost_by_deletion(cluster, victim["node"])
+    wait_for(lambda: f"node {victim['node']}: waiting" in c.log(), 30, "the wait logged",
+             on_timeout=c.log)
+    cluster.add_node(victim["node"])  # back (a new Node object, KWOK behind it again)
+    wait_for(lambda: f"node {victim['node']}: healthy" in c.log(), 30, "the return seen",
+             on_timeout=c.log)
+    wait_for(lambda: time.monotonic() > gone_at + delay + 2, delay + 10, "the delay over",
+             interval=0.5)
+    c.wait_passes(3)
+    untouched(cluster, s, before)
+    assert remediation_events(cluster, s) == []
+    assert c.metric("localpv_agent_lost_nodes") == 0
+
+
+def test_two_of_three_lost_at_once_trips_the_guard(
+    cluster: ControlPlane, remediate_kubeconfig: Path, tmp_path: Path,
+    controllers: list[Controller], scenarios: list[Scenario],
+) -> None:
+    s = make_scenario(cluster, "rm-guard", nodes=3, replicas=3)
+    scenarios.append(s)
+    before = settle(cluster, s)
+    c = start(controllers, remediate_kubeconfig, tmp_path, "--storageclass-names", s.cls,
+              "--max-unavailable-nodes", "1")
+    lost = [before["web-0"]["node"], before["web-1"]["node"]]
+    for node in lost:  # both go down together (a partition, a rack), then get the taint
+        shut_down(cluster, node)
+    for node in lost:
+        out_of_service(cluster, node)
+    wait_for(lambda: c.metric("localpv_agent_blocked_by_guard") == 1, 60, "the guard",
+             on_timeout=c.log)
+    for node in lost:
+        warnings = wait_for(lambda n=node: [e for e in events_for(cluster, "Node", n)
+                                            if e["reason"] == "RemediationBlocked"], 30,
+                            f"Warning Event on {node}")
+        assert warnings[0]["type"] == "Warning" and "at most 1 allowed" in warnings[0]["message"]
+    # Once the replicas are Pending (their pods evicted and removed) the claims would go:
+    # the guard says so on each claim, and deletes nothing.
+    for replica in ("web-0", "web-1"):
+        wait_for(lambda r=replica: any(
+            e["reason"] == "RemediationBlocked" and e["involvedObject"]["name"] ==
+            f"{TEMPLATE}-{r}" for e in remediation_events(cluster, s)), 120,
+            f"the guard's Event on {TEMPLATE}-{replica}", on_timeout=c.log)
+    c.wait_passes(3)
+    assert c.metric("localpv_agent_unavailable_nodes") == 2
+    assert c.metric("localpv_agent_remediations_total", result="blocked",
+                    trigger="out_of_service") >= 2
+    for replica, was in before.items():
+        assert claim_uid(cluster, s, replica) == was["claim"]
+        assert pv_exists(cluster, was["pv"])
+
+
+@pytest.mark.parametrize("how", ["not-opted-in", "claim", "statefulset"])
+def test_not_opted_in_or_opted_out_nothing_is_deleted(
+    cluster: ControlPlane, remediate_kubeconfig: Path, tmp_path: Path,
+    controllers: list[Controller], scenarios: list[Scenario], how: str,
+) -> None:
+    s = make_scenario(cluster, f"rm-out-{how[:5]}", nodes=4, replicas=3)
+    scenarios.append(s)
+    before = settle(cluster, s)
+    victim = before["web-1"]
+    annotation = "localpv-agent.io/remediate=false"
+    if how == "claim":
+        cluster.kubectl("annotate", "pvc", f"{TEMPLATE}-web-1", "-n", s.ns, annotation)
+    elif how == "statefulset":
+        cluster.kubectl("annotate", "statefulset", STS, "-n", s.ns, annotation)
+    classes = "some-other-class" if how == "not-opted-in" else s.cls
+    c = start(controllers, remediate_kubeconfig, tmp_path, "--storageclass-names", classes)
+    shut_down(cluster, victim["node"])
+    out_of_service(cluster, victim["node"])
+    pod = f"/api/v1/namespaces/{s.ns}/pods/web-1"
+    wait_for(lambda: (p := cluster.api("GET", pod)[1]).get("status", {}).get("phase") ==
+             "Pending" and not p["spec"].get("nodeName"), 120,
+             "web-1 recreated and Pending: its claim could go now")
+    if how != "not-opted-in":
+        skipped = wait_for(lambda: [e for e in remediation_events(cluster, s)
+                                    if e["reason"] == "RemediationSkipped"], 60,
+                           "the opt-out said", on_timeout=c.log)
+        assert "opts out" in skipped[0]["message"]
+    c.wait_passes(3)
+    assert claim_uid(cluster, s, "web-1") == victim["claim"]
+    assert pv_exists(cluster, victim["pv"])
+    untouched(cluster, s, before, skip="web-1")
+    assert not [e for e in remediation_events(cluster, s) if e["reason"] == "ClaimRemediated"]
+
+
+def test_dry_run_deletes_nothing_and_says_what_it_would(
+    cluster: ControlPlane, remediate_kubeconfig: Path, tmp_path: Path,
+    controllers: list[Controller], scenarios: list[Scenario],
+) -> None:
+    s = make_scenario(cluster, "rm-dry", nodes=4, replicas=3)
+    scenarios.append(s)
+    before = settle(cluster, s)
+    victim = before["web-0"]
+    c = start(controllers, remediate_kubeconfig, tmp_path, "--storageclass-names", s.cls,
+              "--dry-run")
+    shut_down(cluster, victim["node"])
+    out_of_service(cluster, victim["node"])
+    said = wait_for(lambda: {e["involvedObject"]["kind"]: e for e in remediation_events(cluster, s)
+                             if e["reason"] == "RemediationDryRun"}.keys() >= {
+                                 "PersistentVolumeClaim", "StatefulSet"} and
+                    [e for e in remediation_events(cluster, s)
+                     if e["reason"] == "RemediationDryRun"], 120, "dry-run Events",
+                    on_timeout=c.log)
+    assert all(f"would delete claim {s.ns}/{TEMPLATE}-web-0" in e["message"] for e in said)
+    c.wait_passes(3)
+    assert claim_uid(cluster, s, "web-0") == victim["claim"]
+    assert pv_exists(cluster, victim["pv"])
+    assert c.metric("localpv_agent_remediations_total", result="dry_run",
+                    trigger="out_of_service") == 1
+
+
+def test_two_replicas_one_leader_and_the_standby_takes_over(
+    cluster: ControlPlane, remediate_kubeconfig: Path, tmp_path: Path,
+    controllers: list[Controller], scenarios: list[Scenario],
+) -> None:
+    s = make_scenario(cluster, "rm-lead", nodes=5, replicas=3)
+    scenarios.append(s)
+    before = settle(cluster, s)
+    args = ("--storageclass-names", s.cls)
+    a = start(controllers, remediate_kubeconfig, tmp_path, *args, name="a", lead=False)
+    b = start(controllers, remediate_kubeconfig, tmp_path, *args, name="b", lead=False)
+    leader = wait_for(lambda: [c for c in (a, b) if c.leader()], 30, "a leader")[0]
+    standby = b if leader is a else a
+    wait_for(lambda: standby.passes() > 0, 30, "the standby watching too")
+    assert not standby.leader()
+
+    first = before["web-0"]
+    shut_down(cluster, first["node"])
+    out_of_service(cluster, first["node"])
+    replaced(cluster, s, "web-0", first)
+    actors = {e["reportingInstance"] for e in remediation_events(cluster, s)
+              if e["reason"] == "ClaimRemediated"}
+    assert actors == {leader.name}
+    assert "Deleted claim" in leader.log() and "Deleted claim" not in standby.log()
+
+    lease = f"/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases/{ACCOUNT}"
+    killed_at = time.monotonic()
+    leader.kill()
+    wait_for(standby.leader, 30, "the standby leading", on_timeout=standby.log)
+    took = time.monotonic() - killed_at
+    assert took < 4 + 1 + 3, f"took {took:.1f}s over a 4 s lease"  # duration + a round + slack
+    assert cluster.api("GET", lease)[1]["spec"]["holderIdentity"] == standby.name
+
+    second = before["web-1"]
+    shut_down(cluster, second["node"])
+    out_of_service(cluster, second["node"])
+    replaced(cluster, s, "web-1", second)
+    assert running(cluster, s)["web-0"]["claim"] != first["claim"]  # moved once, stays
+    untouched(cluster, s, {"web-2": before["web-2"]})
+
+
+# -- RBAC ------------------------------------------------------------------------------------------
+
+
+def can(cluster: ControlPlane, kubeconfig: Path, *args: str) -> bool:
+    result = cluster.kubectl("--kubeconfig", str(kubeconfig), "auth", "can-i", *args,
+                             check=False)
+    return result.stdout.strip() == "yes"
+
+
+@pytest.mark.parametrize("args", [
+    ("list", "nodes"), ("watch", "nodes"), ("list", "persistentvolumes"),
+    ("watch", "persistentvolumes"), ("delete", "persistentvolumes"),
+    ("get", "persistentvolumeclaims", "-n", "apps"),
+    ("delete", "persistentvolumeclaims", "-n", "apps"), ("list", "pods", "-A"),
+    ("watch", "pods", "-A"), ("get", "statefulsets.apps", "-n", "apps"),
+    ("create", "events", "-n", "apps"), ("create", "leases.coordination.k8s.io", "-n", NAMESPACE),
+    ("get", f"leases.coordination.k8s.io/{ACCOUNT}", "-n", NAMESPACE),
+    ("update", f"leases.coordination.k8s.io/{ACCOUNT}", "-n", NAMESPACE),
+], ids=" ".join)
+def test_controller_token_may_do_what_it_needs(
+    cluster: ControlPlane, remediate_kubeconfig: Path, args: tuple[str, ...]
+) -> None:
+    assert can(cluster, remediate_kubeconfig, *args)
+
+
+@pytest.mark.parametrize("args", [
+    ("list", "secrets", "-A"), ("create", "persistentvolumes"), ("patch", "persistentvolumes"),
+    ("delete", "nodes"), ("update", "nodes"), ("patch", "nodes"), ("delete", "pods", "-A"),
+    ("create", "pods", "-A"), ("create", "persistentvolumeclaims", "-n", "apps"),
+    ("update", "persistentvolumeclaims", "-n", "apps"),
+    ("list", "persistentvolumeclaims", "-A"), ("update", "statefulsets.apps", "-n", "apps"),
+    ("delete", "statefulsets.apps", "-n", "apps"),
+    ("get", "leases.coordination.k8s.io/kube-controller-manager", "-n", "kube-system"),
+    ("update", "leases.coordination.k8s.io/other", "-n", NAMESPACE),
+    ("delete", f"leases.coordination.k8s.io/{ACCOUNT}", "-n", NAMESPACE),
+    ("update", "events", "-n", "apps"),
+], ids=" ".join)
+def test_controller_token_is_refused_everything_else(
+    cluster: ControlPlane, remediate_kubeconfig: Path, args: tuple[str, ...]
+) -> None:
+    assert not can(cluster, remediate_kubeconfig, *args)
+
+
+def test_remediate_yaml_is_accepted_by_the_apiserver(
+    cluster: ControlPlane, agent_kubeconfig: Path
+) -> None:
+    result = cluster.kubectl("apply", "--dry-run=server", "-f", str(REPO / "remediate.yaml"),
+                             check=False)
+    assert result.returncode == 0, result.stderr
+    kinds = [d["kind"] for d in yaml.safe_load_all((REPO / "remediate.yaml").read_text()) if d]
+    assert kinds.count("Deployment") == 1
+    (deployment,) = [d for d in yaml.safe_load_all((REPO / "remediate.yaml").read_text())
+                     if d and d["kind"] == "Deployment"]
+    assert deployment["spec"]["replicas"] == 2
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[0] == "remediate" and "--storageclass-names=" in args  # opted in to nothing
+
+
+# -- a node that comes back with its disk ----------------------------------------------------------
+
+
+def test_node_back_with_the_same_disk_gets_exactly_one_pv(
+    cluster: ControlPlane, remediate_kubeconfig: Path, agent_kubeconfig: Path, tmp_path: Path,
+    controllers: list[Controller], scenarios: list[Scenario],
+) -> None:
+    """Real agents on real disks: the lost node's PV is removed; when the node returns with the
+    disk, its agent cleans it (a tenant wrote there) and offers it again as one PV."""
+    s = Scenario("rm-disk", ["rm-disk-1", "rm-disk-2"], 1, cls="sc-rm-disk")
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([
+        {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+         "metadata": {"name": s.cls}, "provisioner": "kubernetes.io/no-provisioner",
+         "volumeBindingMode": "WaitForFirstConsumer", "reclaimPolicy": "Delete"},
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": s.ns}}]))
+    scenarios.append(s)
+    with disks(tmp_path) as d:
+        agents: dict[str, Agent] = {}
+        configs: dict[str, Path] = {}
+        try:
+            for node in s.nodes:
+                cluster.add_node(node)
+                s.made_nodes.add(node)
+                d.mount(d.loop(f"{node}-vol", size_mib=32, fs="ext4"),
+                        tmp_path / node / "disks" / "vol")
+                configs[node] = tmp_path / node / "config.yaml"
+                configs[node].write_text(yaml.safe_dump({"storageClassMap": {s.cls: {
+                    "hostDir": "/mnt/disks", "mountDir": str(tmp_path / node / "disks")}}}))
+                agents[node] = Agent(node, configs[node], agent_kubeconfig, tmp_path,
+                                     "--resync-period", "2").start()
+            for node, agent in agents.items():
+                agent_ready(agent)
+                wait_for(lambda n=node: len(pvs_of(cluster, n)) == 1, 30, f"{node}'s PV")
+            cluster.kubectl("apply", "-f", "-",
+                            input=yaml.safe_dump(statefulset(s, storage="16Mi")))
+            (before,) = settle(cluster, s).values()
+            lost = before["node"]
+            data = tmp_path / lost / "disks" / "vol" / "tenant-data"
+            data.write_text("the replica's bytes")
+            # the agent remembers on its host that the volume held a tenant's data
+            wait_for(lambda: list((tmp_path / f"state-{lost}" / "dirty").glob("*.json")), 30,
+                     f"{lost}'s dirty record", on_timeout=agents[lost].log)
+            start(controllers, remediate_kubeconfig, tmp_path, "--storageclass-names", s.cls,
+                  "--pvc-deletion-delay", "3")
+            agents[lost].stop()
+            lost_by_deletion(cluster, lost)
+            after = replaced(cluster, s, "web-0", before)
+            assert after["node"] != lost
+            wait_for(lambda: pvs_of(cluster, lost) == [], 60, f"{lost}'s PV removed")
+            assert data.exists()  # the controller never touches data
+
+            cluster.add_node(lost)  # it comes back, with the same disk
+            agents[lost] = Agent(lost, configs[lost], agent_kubeconfig, tmp_path,
+                                 "--resync-period", "2").start()
+            agent_ready(agents[lost])
+            wait_for(lambda: [p for p in pvs_of(cluster, lost)
+                              if p.get("status", {}).get("phase") == "Available"], 60,
+                     f"{lost}'s disk offered again", on_timeout=agents[lost].log)
+            passes = agent_passes(agents[lost])
+            wait_for(lambda: agent_passes(agents[lost]) >= passes + 2, 30, "two more passes")
+            assert [p["metadata"]["name"] for p in pvs_of(cluster, lost)] == [
+                pv_name("vol", lost, s.cls)]
+            assert not data.exists()  # cleaned by its own agent before it was offered
+            assert running(cluster, s)["web-0"] == after
+        finally:
+            for agent in agents.values():
+                agent.kill()
+
+
+def agent_ready(agent: Agent) -> None:
+    """Its port first, with a deadline for a busy machine (Agent.port allows only 10 s)."""
+    wait_for(lambda: agent.port_file.exists() and agent.port_file.read_text().strip(), 60,
+             f"agent {agent.node} listening", on_timeout=agent.log)
+    agent.wait_ready(60)
+
+
+def agent_passes(agent: Agent) -> float:
+    status, text = agent.get("/metrics")
+    found = re.search(r"^localpv_agent_discovery_pass_duration_seconds_count ([0-9.e+]+)$",
+                      text, re.M)
+    return float(found.group(1)) if status == 200 and found else 0.0
