@@ -119,7 +119,7 @@ class Agent:
     @property
     def port(self) -> int:
         return int(wait_for(lambda: self.port_file.exists() and self.port_file.read_text(),
-                            10, f"agent {self.node} HTTP port"))
+                            60, f"agent {self.node} HTTP port", on_timeout=self.log))
 
     def get(self, path: str) -> tuple[int, str]:
         try:
