@@ -128,7 +128,7 @@ class Agent:
         except urllib.error.HTTPError as err:
             return err.code, err.read().decode()
 
-    def wait_ready(self, timeout: float = 30) -> None:
+    def wait_ready(self, timeout: float = 90) -> None:
         wait_for(lambda: self.get("/ready")[0] == 200, timeout, f"agent {self.node} ready",
                  on_timeout=self.log)
 
