@@ -69,10 +69,11 @@ MIN_PASS_GAP = 0.2  # seconds between passes: a burst of watch events makes one 
 class Informer:
     """All objects of one kind, kept current by list-then-watch; `synced` after the first
     list. A watch that ends resumes from the last version, one that expires or fails lists
-    again (with a backoff), and every change calls `on_change`."""
+    again (with a backoff), and every change calls `on_change` (with the object, if one)."""
 
     def __init__(self, kube: ClusterKube, kind: str, stop: threading.Event,
-                 on_change: Callable[[str], None], field_selector: str = "") -> None:
+                 on_change: Callable[[str, Mapping[str, Any] | None], None],
+                 field_selector: str = "") -> None:
         self.kube, self.kind, self.stop = kube, kind, stop
         self.on_change = on_change
         self.field_selector = field_selector
@@ -88,6 +89,13 @@ class Informer:
     def items(self) -> list[dict[str, Any]]:
         with self._lock:
             return list(self._objects.values())
+
+    def load(self, objects: list[dict[str, Any]], version: str = "") -> None:
+        """Replace the cache wholesale: a fresh list (also how tests seed it)."""
+        with self._lock:
+            self._objects = {self.key(o): o for o in objects}
+            self._version = version
+        self.synced = True
 
     @staticmethod
     def key(obj: Mapping[str, Any]) -> str:
@@ -117,11 +125,8 @@ class Informer:
     def _round(self) -> None:
         if not self._version:
             found, version = self.kube.list_all(self.kind, self.field_selector)
-            with self._lock:
-                self._objects = {self.key(o): o for o in found}
-                self._version = version
-            self.synced = True
-            self.on_change(f"{self.kind}-listed")
+            self.load(found, version)
+            self.on_change(f"{self.kind}-listed", None)
         for event_type, obj in self.kube.watch_all(self.kind, self._version, self.field_selector):
             if self.stop.is_set():
                 return
@@ -133,7 +138,7 @@ class Informer:
                     self._objects[self.key(obj)] = obj
                 self._version = version or self._version
             if event_type != "BOOKMARK":
-                self.on_change(f"{self.kind}-{event_type.lower()}")
+                self.on_change(f"{self.kind}-{event_type.lower()}", obj)
 
 
 # -- leader election ----------------------------------------------------------------------------
@@ -261,7 +266,8 @@ class Remediator:
         self.nodes = Informer(kube, "nodes", self.stop, self.wake)
         self.pvs = Informer(kube, "persistentvolumes", self.stop, self.wake)
         self.pending = Informer(kube, "pods", self.stop, self.wake, "status.phase=Pending")
-        self.elector = LeaderElector(kube, identity, lease, self.stop, lambda: self.wake("lead"))
+        self.elector = LeaderElector(kube, identity, lease, self.stop,
+                                     lambda: self.wake("lead", None))
         self.memory = Memory()
         self.rate = RateWindow(options.max_claims_per_minute)
         self.last: Assessment | None = None
@@ -270,10 +276,18 @@ class Remediator:
         self._reported: set[tuple[str, ...]] = set()  # (object key, outcome) said once
         self._host_states: dict[str, str] = {}
         self._blocked_logged = False
+        # A claim waiting on its pods is read again after `interval`, or at once when a pod of
+        # its namespace changed: a burst of unrelated pod events costs no reads.
+        self._recheck_at: dict[str, float] = {}
+        self._touched: set[str] = set()  # namespaces of pod events since the last pass
+        self._touched_lock = threading.Lock()
 
     # -- running --------------------------------------------------------------------------------
 
-    def wake(self, _why: str = "") -> None:
+    def wake(self, why: str, obj: Mapping[str, Any] | None) -> None:
+        if obj is not None and why.startswith("pods-"):
+            with self._touched_lock:
+                self._touched.add(str((obj.get("metadata") or {}).get("namespace", "")))
         self._wake.set()
 
     @property
@@ -347,11 +361,13 @@ class Remediator:
         if not self.elector.is_leader():
             return min(dues, default=None)
         self._guard(a)
+        with self._touched_lock:
+            touched, self._touched = self._touched, set()
         waiting = False
         current: set[str] = set()
         for candidate in a.claims:
             current.add(_claim_key(candidate))
-            waiting |= self._claim(candidate, a, now)
+            waiting |= self._claim(candidate, a, now, touched)
         for removal in a.removals:
             current.add(_pv_key(removal.pv, removal.uid))
             self._remove(removal, a)
@@ -361,6 +377,7 @@ class Remediator:
                 log.info("PV %s of a lost node is left alone: %s", name, why)
         # what is no longer a candidate is forgotten, so it is reported anew if it comes back
         self._reported = {r for r in self._reported if r[0] in current or r[0] == "guard"}
+        self._recheck_at = {k: t for k, t in self._recheck_at.items() if k in current}
         if waiting:
             dues.append(now + self.interval)
         free = self.rate.next_free(now)
@@ -399,10 +416,14 @@ class Remediator:
                     self._event(ObjectRef("Node", name), "Warning", "RemediationBlocked",
                                 message)
 
-    def _claim(self, c: ClaimCandidate, a: Assessment, now: float) -> bool:
+    def _claim(self, c: ClaimCandidate, a: Assessment, now: float,
+               touched: set[str]) -> bool:
         """Act on one bound PV of a lost node; True when it waits on something that may
         change without an event this controller watches (a pod being evicted)."""
         key = _claim_key(c)
+        if now < self._recheck_at.get(key, 0.0) and c.namespace not in touched:
+            return True  # still waiting on its pods; nothing there changed
+        self._recheck_at.pop(key, None)
         pvc = self.kube.get_pvc(c.namespace, c.claim)
         pods = self.kube.list_pods(c.namespace) if pvc is not None else []
         sets = {n: self.kube.get_statefulset(c.namespace, n)
@@ -416,6 +437,7 @@ class Remediator:
         if d.verdict == "wait":
             if self._first((key, "wait", d.reason)):
                 log.info("%s: waiting: %s", what, d.reason)
+            self._recheck_at[key] = now + self.interval
             return True
         if d.verdict == "skip":
             if self._first((key, d.result)):

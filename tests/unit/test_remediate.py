@@ -405,3 +405,198 @@ def test_durations(text: str, seconds: float) -> None:
 def test_durations_rejected(text: str) -> None:
     with pytest.raises(ValueError, match="duration"):
         parse_duration(text)
+
+
+# -- the controller's pass, on a fake API ----------------------------------------------------------
+
+
+class FakeKube:
+    """What the controller calls, answered from dicts; writes are recorded."""
+
+    def __init__(self, claims: dict[str, dict[str, Any]], pods: list[dict[str, Any]],
+                 sets: dict[str, dict[str, Any]]) -> None:
+        self.claims, self.pods, self.sets = claims, pods, sets
+        self.deleted: list[tuple[str, ...]] = []
+        self.events: list[tuple[str, str, str, str]] = []
+        self.reads = 0
+        self.reachable = True
+        self.lease: dict[str, Any] | None = None
+        self.conflict_on_delete = False
+
+    def get_pvc(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self.reads += 1
+        return self.claims.get(name)
+
+    def list_pods(self, namespace: str) -> list[dict[str, Any]]:
+        self.reads += 1
+        return self.pods
+
+    def get_statefulset(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.sets.get(name)
+
+    def delete_pvc(self, namespace: str, name: str, uid: str, resource_version: str) -> None:
+        if self.conflict_on_delete:
+            from agent.kube import ApiError  # noqa: PLC0415
+
+            raise ApiError("delete", 409, "precondition failed")
+        self.deleted.append(("claim", name, uid, resource_version))
+
+    def delete_pv(self, name: str, uid: str, resource_version: str | None = None) -> None:
+        self.deleted.append(("pv", name, uid, resource_version or ""))
+
+    def emit_event(self, obj: dict[str, str], event_type: str, reason: str, message: str,
+                   host: str) -> None:
+        self.events.append((obj["kind"], obj["name"], event_type, reason))
+
+    def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.lease
+
+    def create_lease(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        self.lease = {**body, "metadata": {**body["metadata"], "resourceVersion": "1"}}
+        return self.lease
+
+    def replace_lease(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        from agent.kube import ApiError  # noqa: PLC0415
+
+        assert self.lease is not None
+        if body["metadata"]["resourceVersion"] != self.lease["metadata"]["resourceVersion"]:
+            raise ApiError("update", 409, "the object has been modified")
+        version = str(int(self.lease["metadata"]["resourceVersion"]) + 1)
+        self.lease = {**body, "metadata": {**body["metadata"], "resourceVersion": version}}
+        return self.lease
+
+
+def controller(kube: FakeKube, nodes: list[dict[str, Any]], pvs: list[dict[str, Any]],
+               leader: bool = True, **options: Any) -> Any:
+    from agent.remediator import LeaseSettings, Remediator  # noqa: PLC0415
+
+    opts = Options(storage_classes=frozenset({CLASS}), deletion_delay=0.0,
+                   max_unavailable=Budget(count=1), **options)
+    r = Remediator(kube, opts, "me", LeaseSettings(enabled=not leader), 10.0)  # type: ignore[arg-type]
+    counted: list[tuple[str, str]] = []
+    r.count = lambda trigger, result: counted.append((trigger, result))
+    r.counted = counted
+    r.nodes.load(nodes)
+    r.pvs.load(pvs)
+    r.pending.load([])
+    if leader:
+        r.elector.start()  # leader election off: it leads alone
+    return r
+
+
+def lost_node_world(replicas: int = 1) -> tuple[FakeKube, list[dict[str, Any]],
+                                                list[dict[str, Any]]]:
+    claims = {f"data-web-{i}": {"metadata": {
+        "name": f"data-web-{i}", "namespace": "apps", "uid": f"uid-data-web-{i}",
+        "resourceVersion": f"4{i}"}} for i in range(replicas)}
+    pods = [pod(f"web-{i}", claim_name=f"data-web-{i}") for i in range(replicas)]
+    pvs = [pv(f"pv{i}", "n1", claim=f"data-web-{i}") for i in range(replicas)]
+    return FakeKube(claims, pods, {"web": STS}), FOUR[1:], pvs
+
+
+def test_leader_deletes_the_claim_with_preconditions_and_says_so_on_claim_and_owner() -> None:
+    kube, nodes, pvs = lost_node_world()
+    r = controller(kube, nodes, pvs)
+    r.pass_once()
+    assert kube.deleted == [("claim", "data-web-0", "uid-data-web-0", "40")]
+    assert ("PersistentVolumeClaim", "data-web-0", "Normal", "ClaimRemediated") in kube.events
+    assert ("StatefulSet", "web", "Normal", "ClaimRemediated") in kube.events
+    assert r.counted == [("node_deleted", "claim_deleted")]
+    released_pv = pv("pv0", "n1", phase="Released")
+    r.pvs.load([released_pv])
+    r.pass_once()
+    assert kube.deleted[-1] == ("pv", "pv0", "uid-pv0", "7")
+    assert r.counted[-1] == ("node_deleted", "pv_deleted")
+
+
+def test_a_standby_observes_but_never_writes() -> None:
+    kube, nodes, pvs = lost_node_world()
+    r = controller(kube, nodes, pvs, leader=False)
+    r.pass_once()
+    assert kube.deleted == [] and kube.events == [] and kube.reads == 0
+    assert r.last is not None and r.last.claims  # it knows what it would do
+
+
+def test_dry_run_writes_nothing_and_says_it_once() -> None:
+    kube, nodes, pvs = lost_node_world()
+    r = controller(kube, nodes, pvs, dry_run=True)
+    r.pass_once()
+    r.pass_once()
+    assert kube.deleted == []
+    assert kube.events.count(("PersistentVolumeClaim", "data-web-0", "Normal",
+                              "RemediationDryRun")) == 1
+    assert r.counted == [("node_deleted", "dry_run")]
+
+
+def test_rate_limit_defers_the_second_claim() -> None:
+    kube, nodes, pvs = lost_node_world(replicas=2)
+    r = controller(kube, nodes, pvs, max_claims_per_minute=1)
+    due = r.pass_once()
+    assert [d[1] for d in kube.deleted] == ["data-web-0"]
+    assert ("PersistentVolumeClaim", "data-web-1", "Warning", "RemediationRateLimited") in \
+        kube.events
+    assert due is not None  # woken again when the window frees
+
+
+def test_guard_blocks_and_warns_on_nodes_and_claims() -> None:
+    kube, _, pvs = lost_node_world()
+    pvs.append(pv("other", "n2", claim=None, phase="Available"))
+    r = controller(kube, FOUR[2:], pvs)  # n1 and n2 both gone, 1 allowed
+    r.pass_once()
+    assert kube.deleted == []
+    assert {e for e in kube.events if e[3] == "RemediationBlocked"} == {
+        ("Node", "n1", "Warning", "RemediationBlocked"),
+        ("Node", "n2", "Warning", "RemediationBlocked"),
+        ("PersistentVolumeClaim", "data-web-0", "Warning", "RemediationBlocked"),
+        ("StatefulSet", "web", "Warning", "RemediationBlocked"),
+        ("PersistentVolume", "other", "Warning", "RemediationBlocked")}
+    assert r.sample().blocked and r.sample().unavailable_nodes == 2
+
+
+def test_a_conflict_on_delete_is_counted_and_decided_again() -> None:
+    kube, nodes, pvs = lost_node_world()
+    kube.conflict_on_delete = True
+    r = controller(kube, nodes, pvs)
+    r.pass_once()
+    assert r.counted == [("node_deleted", "conflict")]
+    assert not [e for e in kube.events if e[3] == "ClaimRemediated"]
+
+
+def test_a_waiting_claim_is_read_again_only_after_the_interval_or_a_pod_event() -> None:
+    kube, nodes, pvs = lost_node_world()
+    kube.pods = [pod(phase="Running", node_name="n1")]  # not evicted yet
+    r = controller(kube, nodes, pvs)
+    r.pass_once()
+    reads = kube.reads
+    r.pass_once()
+    assert kube.reads == reads  # nothing changed there: no reads
+    r.wake("pods-modified", {"metadata": {"namespace": "elsewhere"}})
+    r.pass_once()
+    assert kube.reads == reads
+    kube.pods = [pod()]  # evicted, recreated, Pending
+    r.wake("pods-added", {"metadata": {"namespace": "apps"}})
+    r.pass_once()
+    assert kube.deleted == [("claim", "data-web-0", "uid-data-web-0", "40")]
+
+
+def test_lease_rounds_on_the_fake_api() -> None:
+    import threading  # noqa: PLC0415
+
+    from agent.remediator import LeaderElector, LeaseSettings  # noqa: PLC0415
+
+    kube, _, _ = lost_node_world()
+    settings = LeaseSettings(duration=15, renew_deadline=10.0, retry_period=2.0)
+    a = LeaderElector(kube, "a", settings, threading.Event(), lambda: None)  # type: ignore[arg-type]
+    b = LeaderElector(kube, "b", settings, threading.Event(), lambda: None)  # type: ignore[arg-type]
+    a.round()
+    assert a.is_leader() and kube.lease is not None
+    assert kube.lease["spec"]["holderIdentity"] == "a"
+    b.round()
+    assert not b.is_leader() and b.holder == "a"
+    a.round()  # renewed: a new version
+    assert kube.lease["metadata"]["resourceVersion"] == "2"
+    a.release()
+    assert not a.is_leader() and kube.lease["spec"]["holderIdentity"] == ""
+    b.round()
+    assert b.is_leader() and kube.lease["spec"]["holderIdentity"] == "b"
+    assert kube.lease["spec"]["leaseTransitions"] == 1
