@@ -7,6 +7,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import yaml
@@ -14,6 +15,7 @@ import yaml
 from tests.conftest import require
 from tests.disks import can_make_disks
 from tests.e2e.agents import REPO, write_token_kubeconfig
+from tests.e2e.proxy import Proxy
 from tests.harness.controlplane import ControlPlane
 from tests.harness.udevd import Udevd, udevd_binary
 
@@ -85,3 +87,12 @@ def udevd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Udevd]:
     daemon = Udevd(tmp_path_factory.mktemp("udevd") / "udevd.log").start()
     yield daemon
     daemon.stop()
+
+
+@pytest.fixture
+def proxy(cluster: ControlPlane) -> Iterator[Proxy]:
+    """A cuttable, stallable TCP forwarder to the apiserver (see proxy.py)."""
+    url = urlparse(cluster.server)
+    p = Proxy(url.hostname or "127.0.0.1", url.port or 443)
+    yield p
+    p.close()

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
 import yaml
@@ -26,14 +24,6 @@ from tests.harness.hungfs import HungMount
 CLASS = "local-storage"
 
 
-@pytest.fixture
-def proxy(cluster: ControlPlane) -> Iterator[Proxy]:
-    url = urlparse(cluster.server)
-    p = Proxy(url.hostname or "127.0.0.1", url.port or 443)
-    yield p
-    p.close()
-
-
 def through(proxy: Proxy, kubeconfig: Path, work: Path) -> Path:
     config = yaml.safe_load(kubeconfig.read_text())
     config["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{proxy.port}"
@@ -45,6 +35,11 @@ def through(proxy: Proxy, kubeconfig: Path, work: Path) -> Path:
 def has_pv(cluster: ControlPlane, node: str, entry: str) -> bool:
     name = pv_name(entry, node, CLASS)
     return any(pv["metadata"]["name"] == name for pv in pvs_of(cluster, node))
+
+
+def stops_promptly(agent: Agent, despite: str) -> None:
+    took = agent.stop()
+    assert took < 5, f"SIGTERM took {took:.1f}s with {despite}\n{agent.log()}"
 
 
 def test_a_stalled_api_neither_fails_liveness_nor_holds_sigterm(
@@ -71,8 +66,7 @@ def test_a_stalled_api_neither_fails_liveness_nor_holds_sigterm(
                 answers.append(agent.get("/healthz")[0])
                 time.sleep(2)
             assert set(answers) == {200}, f"{answers}\n{agent.log()}"
-            took = agent.stop()
-            assert took < 5, f"SIGTERM took {took:.1f}s with a stalled API\n{agent.log()}"
+            stops_promptly(agent, "a stalled API")
         finally:
             agent.kill()
 
@@ -101,8 +95,7 @@ def test_a_hung_disk_delays_no_other_volume_and_no_stop(
                      on_timeout=agent.log, interval=0.05)
             assert time.monotonic() - added < 2, agent.log()
             assert agent.get("/healthz")[0] == 200
-            took = agent.stop()
-            assert took < 5, f"SIGTERM took {took:.1f}s with a hung disk\n{agent.log()}"
+            stops_promptly(agent, "a hung disk")
         finally:
             agent.kill()
 

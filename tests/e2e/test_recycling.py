@@ -226,13 +226,20 @@ def test_hostile_contents_touch_nothing_outside_the_volume(node: Node, tmp_path:
     assert "cleared immutable/append-only flags" in node.log()
 
 
-def test_killed_mid_clean_resumes_and_never_offers_dirty(node: Node, tmp_path: Path) -> None:
+def slow_block_cleaner(node: Node, tmp_path: Path, seconds: int) -> Path:
+    """Make the block class's cleaner say "slow: waiting", sleep, then zero the device."""
     slow = tmp_path / "slow_zero.sh"
-    slow.write_text(f"#!/bin/sh\necho slow: waiting\nsleep 4\nexec {CLEANERS / 'dd_zero.sh'}\n")
+    slow.write_text(f"#!/bin/sh\necho slow: waiting\nsleep {seconds}\n"
+                    f"exec {CLEANERS / 'dd_zero.sh'}\n")
     slow.chmod(0o755)
     config = yaml.safe_load(node.config.read_text())
     config["storageClassMap"][BLOCK]["blockCleanerCommand"] = [str(slow)]
     node.config.write_text(yaml.safe_dump(config))
+    return slow
+
+
+def test_killed_mid_clean_resumes_and_never_offers_dirty(node: Node, tmp_path: Path) -> None:
+    slow = slow_block_cleaner(node, tmp_path, 4)
     device = node.disks.loop("slowvol", size_mib=16)
     (node.block_dir / "slow").symlink_to(device)
     agent = node.start()
@@ -418,12 +425,7 @@ def test_a_queued_clean_never_wipes_the_disk_that_replaced_its_volume(
     """One cleaning worker, busy with a slow block clean; a filesystem volume's clean waits
     behind it. Meanwhile its disk is replaced (new fs UUID, same major:minor). The queued
     clean must not run on the new disk, and the new disk must not be offered."""
-    slow = tmp_path / "slow_zero.sh"
-    slow.write_text(f"#!/bin/sh\necho slow: waiting\nsleep 8\nexec {CLEANERS / 'dd_zero.sh'}\n")
-    slow.chmod(0o755)
-    config = yaml.safe_load(node.config.read_text())
-    config["storageClassMap"][BLOCK]["blockCleanerCommand"] = [str(slow)]
-    node.config.write_text(yaml.safe_dump(config))
+    slow_block_cleaner(node, tmp_path, 8)
     raw = node.disks.loop("busy", size_mib=16)
     (node.block_dir / "busy").symlink_to(raw)
     device = node.disks.loop("swapped", fs="ext4")

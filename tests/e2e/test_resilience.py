@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlparse
 
-import pytest
 import yaml
 
 from agent.volumes import pv_name
@@ -15,14 +12,6 @@ from tests.disks import disks
 from tests.e2e.agents import Agent, class_config, pvs_of, wait_for
 from tests.e2e.proxy import Proxy
 from tests.harness.controlplane import ControlPlane
-
-
-@pytest.fixture
-def proxy(cluster: ControlPlane) -> Iterator[Proxy]:
-    url = urlparse(cluster.server)
-    p = Proxy(url.hostname or "127.0.0.1", url.port or 443)
-    yield p
-    p.close()
 
 
 def test_api_outage_is_survived_and_new_disks_land_after_it(
