@@ -28,12 +28,14 @@ class Reason(StrEnum):
     NAME_CONFLICT = "NameConflict"
     DUPLICATE_VOLUME = "DuplicateVolume"
     CONFIG_REJECTED = "ConfigRejected"
+    CONFIG_RELOADED = "ConfigReloaded"
     CLASS_FAILED = "ClassFailed"
     STATE_DIR_UNWRITABLE = "StateDirUnwritable"
 
     @property
     def event_type(self) -> str:
-        return "Normal" if self in (Reason.PROVISIONED, Reason.VOLUME_CLEANED) else "Warning"
+        normal = (Reason.PROVISIONED, Reason.VOLUME_CLEANED, Reason.CONFIG_RELOADED)
+        return "Normal" if self in normal else "Warning"
 
 
 class Scope(StrEnum):

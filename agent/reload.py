@@ -2,7 +2,8 @@
 
 The kubelet swaps a `..data` symlink when a mounted ConfigMap changes, so edits are noticed by
 content (`fingerprint`), not mtimes. A bad edit is rejected with a `ConfigRejected` Event and the
-last good config stays in force; a reload never rewrites existing PVs.
+last good config stays in force; a good one gets a Normal `ConfigReloaded` Event. A reload
+never rewrites existing PVs.
 """
 
 from __future__ import annotations
@@ -56,8 +57,11 @@ class ConfigReloader:
         before = {c.name for c in current.classes}
         after = {c.name for c in config.classes}
         self._count("applied")
-        log.info("config reloaded: classes %s (added %s, removed %s)", sorted(after),
-                 sorted(after - before) or "none", sorted(before - after) or "none")
+        what = (f"classes {sorted(after)} (added {sorted(after - before) or 'none'}, removed "
+                f"{sorted(before - after) or 'none'})")
+        log.info("config reloaded: %s", what)
+        self.events.post(Notice("Node", self.node_name(), Reason.CONFIG_RELOADED,
+                                f"the edited config {self.path} is in force: {what}"))
         for warning in config.warnings:
             log.warning("config %s: %s", self.path, warning)
         return config

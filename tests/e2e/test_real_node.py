@@ -382,7 +382,10 @@ def test_configmap_edits_reach_the_agent_through_the_kubelet(real_cluster: RealC
     try:
         wait_for(lambda: _reloads(c, "applied") > applied, 180,
                  "the agent to reload the edited ConfigMap", c.diagnostics)
-        assert "config reloaded" in c.agent_log()
+        reloaded = wait_for(lambda: [e for e in c.events("ConfigReloaded")
+                                     if e["involvedObject"]["name"] == NODE_NAME], 60,
+                            "the ConfigReloaded Event", c.diagnostics)
+        assert reloaded[-1]["type"] == "Normal"
         first = _wait_pv(c, _add_disk(c, disks, "after-edit"))
         assert first["metadata"]["labels"].get("reloaded-by") == "kubelet"
 
