@@ -36,6 +36,7 @@ from tests.e2e.test_remediate import (  # noqa: E402
     NAMESPACE,
     RBAC_KINDS,
     Controller,
+    api_get,
     claim_uid,
     lost_by_deletion,
     make_scenario,
@@ -80,8 +81,8 @@ def one_run(cluster: ControlPlane, kubeconfig: Path, work: Path, i: int, trigger
         while time.monotonic() < deadline:
             now = time.monotonic()
             if pod_gone is None:
-                status, body = cluster.api("GET", pod)
-                if status == 404 or body["metadata"]["uid"] != victim["pod"]:
+                body = api_get(cluster, pod)
+                if body is None or body["metadata"]["uid"] != victim["pod"]:
                     pod_gone = now - started
             if claim_gone is None and claim_uid(cluster, s, "web-1") != victim["claim"]:
                 claim_gone = now - started

@@ -30,9 +30,6 @@ from tests.disks import disks
 from tests.e2e.agents import (
     REPO,
     Agent,
-    events_for,
-    items,
-    pvs_of,
     wait_for,
     write_token_kubeconfig,
 )
@@ -171,13 +168,46 @@ class Scenario:
         return self.name
 
 
+def api_get(cluster: ControlPlane, path: str) -> dict[str, Any] | None:
+    """GET as admin: the object, or None when it does not exist. A loaded machine sometimes
+    drops a request (status 0) or the apiserver answers 5xx: asked again, never read as gone."""
+    deadline = time.monotonic() + 30
+    while True:
+        status, body = cluster.api("GET", path)
+        if status == 200 and isinstance(body, dict):
+            return body
+        if status == 404:
+            return None
+        assert time.monotonic() < deadline, f"GET {path}: HTTP {status}: {body}"
+        time.sleep(0.5)
+
+
+def items(cluster: ControlPlane, path: str) -> list[dict[str, Any]]:
+    body = api_get(cluster, path)
+    assert body is not None, path
+    return list(body.get("items") or [])
+
+
+def events_for(cluster: ControlPlane, kind: str, name: str) -> list[dict[str, Any]]:
+    return [e for e in items(cluster, "/api/v1/events")
+            if e["involvedObject"].get("kind") == kind and e["involvedObject"]["name"] == name]
+
+
+def pvs_of(cluster: ControlPlane, node: str) -> list[dict[str, Any]]:
+    """PVs pinned to `node` by their nodeAffinity."""
+    return [pv for pv in items(cluster, "/api/v1/persistentvolumes")
+            if node in {v for t in pv["spec"].get("nodeAffinity", {}).get("required", {}).get(
+                "nodeSelectorTerms", []) for e in t.get("matchExpressions", [])
+                for v in e["values"]}]
+
+
 def kubectl_json(cluster: ControlPlane, *args: str) -> Any:
     return json.loads(cluster.kubectl(*args, "-o", "json").stdout)
 
 
 def node_uid(cluster: ControlPlane, node: str) -> str:
-    status, body = cluster.api("GET", f"/api/v1/nodes/{node}")
-    assert status == 200, body
+    body = api_get(cluster, f"/api/v1/nodes/{node}")
+    assert body is not None, node
     return str(body["metadata"]["uid"])
 
 
@@ -267,13 +297,13 @@ def settle(cluster: ControlPlane, s: Scenario) -> dict[str, dict[str, str]]:
 
 
 def claim_uid(cluster: ControlPlane, s: Scenario, replica: str) -> str | None:
-    status, body = cluster.api(
-        "GET", f"/api/v1/namespaces/{s.ns}/persistentvolumeclaims/{TEMPLATE}-{replica}")
-    return str(body["metadata"]["uid"]) if status == 200 else None
+    body = api_get(cluster, f"/api/v1/namespaces/{s.ns}/persistentvolumeclaims/"
+                            f"{TEMPLATE}-{replica}")
+    return str(body["metadata"]["uid"]) if body is not None else None
 
 
 def pv_exists(cluster: ControlPlane, name: str) -> bool:
-    return cluster.api("GET", f"/api/v1/persistentvolumes/{name}")[0] == 200
+    return api_get(cluster, f"/api/v1/persistentvolumes/{name}") is not None
 
 
 def replaced(cluster: ControlPlane, s: Scenario, replica: str, before: dict[str, str],
@@ -419,7 +449,8 @@ def test_not_ready_alone_does_nothing_unless_enabled(
                 "--not-ready-timeout", "1", name="off")
     shut_down(cluster, victim["node"])
     pod = f"/api/v1/namespaces/{s.ns}/pods/web-2"
-    wait_for(lambda: cluster.api("GET", pod)[1]["metadata"].get("deletionTimestamp"), 60,
+    wait_for(lambda: ((api_get(cluster, pod) or {}).get("metadata") or {}).get(
+        "deletionTimestamp"), 60,
              "web-2 evicted, stuck terminating on the NotReady node")
     wait_for(lambda: "not-ready trigger is off" in off.log(), 30, "the controller's verdict",
              on_timeout=off.log)
@@ -431,8 +462,9 @@ def test_not_ready_alone_does_nothing_unless_enabled(
     on = start(controllers, remediate_kubeconfig, tmp_path, "--storageclass-names", s.cls,
                "--trigger-not-ready", "--not-ready-timeout", "2", name="on")
     claim = f"/api/v1/namespaces/{s.ns}/persistentvolumeclaims/{TEMPLATE}-web-2"
-    wait_for(lambda: cluster.api("GET", claim)[1].get("metadata", {}).get("deletionTimestamp")
-             or cluster.api("GET", claim)[0] == 404, 60, "the claim deleted", on_timeout=on.log)
+    wait_for(lambda: (c := api_get(cluster, claim)) is None
+             or c["metadata"].get("deletionTimestamp"), 60, "the claim deleted",
+             on_timeout=on.log)
     # No kubelet will ever confirm that pod's end: the operator force-deletes it, then the
     # replica starts on the spare.
     cluster.kubectl("delete", "pod", "web-2", "-n", s.ns, "--grace-period=0", "--force")
@@ -524,8 +556,8 @@ def test_not_opted_in_or_opted_out_nothing_is_deleted(
     shut_down(cluster, victim["node"])
     out_of_service(cluster, victim["node"])
     pod = f"/api/v1/namespaces/{s.ns}/pods/web-1"
-    wait_for(lambda: (p := cluster.api("GET", pod)[1]).get("status", {}).get("phase") ==
-             "Pending" and not p["spec"].get("nodeName"), 120,
+    wait_for(lambda: (p := api_get(cluster, pod)) is not None
+             and p["status"].get("phase") == "Pending" and not p["spec"].get("nodeName"), 120,
              "web-1 recreated and Pending: its claim could go now")
     if how != "not-opted-in":
         skipped = wait_for(lambda: [e for e in remediation_events(cluster, s)
@@ -595,7 +627,7 @@ def test_two_replicas_one_leader_and_the_standby_takes_over(
     wait_for(standby.leader, 30, "the standby leading", on_timeout=standby.log)
     took = time.monotonic() - killed_at
     assert took < 4 + 1 + 3, f"took {took:.1f}s over a 4 s lease"  # duration + a round + slack
-    assert cluster.api("GET", lease)[1]["spec"]["holderIdentity"] == standby.name
+    assert (api_get(cluster, lease) or {})["spec"]["holderIdentity"] == standby.name
 
     second = before["web-1"]
     shut_down(cluster, second["node"])
