@@ -322,6 +322,10 @@ class ClusterKube(Kube):
         except ApiException as exc:
             self._count("watch", "error", time.monotonic() - start, exc.status or 0)
             raise ApiError("watch", exc.status or 0, str(exc.reason)) from None
+        except KeyError:  # an in-stream ERROR event (410), unreadable with deserialize=False
+            self._count("watch", "error", time.monotonic() - start, 410)
+            raise ApiError("watch", 410, "the watch ended with an error event (its "
+                                         "resourceVersion expired)") from None
         except (HTTPError, OSError) as exc:
             self._count("watch", "error", time.monotonic() - start, 0)
             raise ApiError("watch", 0, str(exc)) from None
