@@ -521,6 +521,7 @@ class _Running:
     job: CleanJob
     lock: VolumeLock
     cancelled: str = ""  # why the clean must end, once it must
+    ok: bool | None = None  # how it ended, once it has
 
 
 class Cleaner:
@@ -630,9 +631,19 @@ class Cleaner:
             outcome = self._clean(job)
             self._finish(outcome)
 
+    def table(self) -> tuple[int, int, int]:
+        """Cleans running, succeeded and failed, the last two until released (the upstream's
+        process table counts the same way, for its `proctable_*` metrics)."""
+        with self._lock:
+            ends = [r.ok for r in self._running.values()]
+        return ends.count(None), ends.count(True), ends.count(False)
+
     def _finish(self, outcome: CleanOutcome) -> None:
         with self._lock:
             self._done.append(outcome)
+            entry = self._running.get(outcome.job.key)
+            if entry is not None and not outcome.busy:
+                entry.ok = outcome.ok
         if self.on_done is not None:
             try:
                 self.on_done()

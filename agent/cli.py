@@ -108,7 +108,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
     def on_clean(outcome: CleanOutcome) -> None:
         job = outcome.job
-        command = job.command[0] if job.raw_device else "filesystem"
+        # The upstream's label: the class's blockCleanerCommand[0], for filesystem cleans too.
+        command = job.command[0] if job.command else ""
         metrics.observe_clean(job.class_name, job.mode, outcome.ok, outcome.seconds,
                               capacity_breakdown(job.capacity_bytes), command,
                               "job" if job.via_job else "process")
@@ -308,7 +309,8 @@ def sample_state(reconciler: Reconciler, kube: Kube) -> AgentSample:
         volumes=volumes, offered=offered, excluded=excluded, wakeups=status.wakeups,
         source_failures=status.source_failures, sources_active=status.sources_active,
         api_requests=kube.request_counts(), config_reloads=status.config_reloads,
-        held=status.held, ready=status.first_sync_done and kube.reachable)
+        held=status.held, ready=status.first_sync_done and kube.reachable,
+        proctable=reconciler.cleaner.table() if reconciler.cleaner is not None else (0, 0, 0))
 
 
 def render_table(found: Discovery, manifests: Sequence[dict[str, Any]]) -> str:
