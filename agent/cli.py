@@ -292,6 +292,8 @@ def scan(args: argparse.Namespace, config: Config, out: TextIO | None = None) ->
 
 
 class ScanInputError(Exception):
+    """A scan flag or the API cannot give what run would read; `code` is the exit status."""
+
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code
@@ -334,6 +336,7 @@ def _scan_inputs(args: argparse.Namespace,
 
 def _read_from_api(args: argparse.Namespace,
                    config: Config) -> tuple[NodeInfo, dict[str, ClassPolicy | None]]:
+    """The Node and StorageClasses as run reads them (imported here: scan stays light)."""
     from agent.kube import ApiError, Kube  # noqa: PLC0415
 
     try:
