@@ -150,6 +150,15 @@ def _changed_disk_notice(pv: PV, differs: Mapping[str, tuple[str, str]]) -> Noti
                   Once(Scope.CHANGED, f"{name}/{uid}/{what}"), uid=uid)
 
 
+def offered_all(desired: Iterable[Mapping[str, Any]], actual: Mapping[str, PV],
+                node: NodeInfo) -> bool:
+    """Every volume the pass could offer has its PV: the node's first complete pass, after
+    which its startup taint may go (`removeNodeNotReadyTaint`)."""
+    paths = {local_path(pv) for pv in actual.values()
+             if pvs.is_this_nodes(pv, node) and not pvs.deleting(pv)}
+    return all(m["spec"]["local"]["path"] in paths for m in desired)
+
+
 def exclusion_notices(exclusions: Iterable[Exclusion], node: NodeInfo) -> list[Notice]:
     """One Warning on the Node per excluded entry and reason."""
     return [

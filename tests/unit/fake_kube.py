@@ -335,6 +335,28 @@ class FakeKube:
             self.compacted = dropped[0] + 1
         self._lock.notify_all()
 
+    # -- the opt-in behaviours' writes (startup taint) ------------------------------------------
+
+    def taint_node(self, name: str, key: str, effect: str = "NoSchedule") -> None:
+        with self._lock:
+            spec = self.nodes[name].setdefault("spec", {})
+            spec.setdefault("taints", []).append({"key": key, "effect": effect})
+
+    def taints(self, name: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return copy.deepcopy(self.nodes[name].get("spec", {}).get("taints") or [])
+
+    def remove_node_taint(self, name: str, key: str, attempts: int = 5) -> bool:
+        self._enter("remove_node_taint", "patch")
+        with self._lock:
+            node = self.nodes.get(name)
+            if node is None:
+                raise self._error("patch", 404, f'nodes "{name}" not found')
+            taints = node.setdefault("spec", {}).get("taints") or []
+            keep = [t for t in taints if t.get("key") != key]
+            node["spec"]["taints"] = keep
+            return len(keep) != len(taints)
+
 
 def _filtered(kind: str, obj: PV, before: PV | None, selector: str) -> tuple[str, PV] | None:
     """What a watch with `selector` sees of a change."""
