@@ -308,7 +308,8 @@ def sample_state(reconciler: Reconciler, kube: Kube) -> AgentSample:
         volumes=volumes, offered=offered, excluded=excluded, wakeups=status.wakeups,
         source_failures=status.source_failures, sources_active=status.sources_active,
         api_requests=kube.request_counts(), config_reloads=status.config_reloads,
-        held=status.held, ready=status.first_sync_done and kube.reachable)
+        held=status.held, ready=status.first_sync_done and kube.reachable,
+        capacity_differs=len(last.plan.capacity_differs) if last is not None else 0)
 
 
 def render_table(found: Discovery, manifests: Sequence[dict[str, Any]]) -> str:

@@ -262,7 +262,15 @@ class Kube:
         if self._observe is not None:
             self._observe(verb, outcome, seconds)
 
-    # -- writes of the opt-in behaviours (startup taint) ----------------------------------------
+    # -- writes of the opt-in behaviours (startup taint, capacity) -------------------------------
+
+    def patch_pv_capacity(self, name: str, uid: str, resource_version: str,
+                          storage: str) -> PV:
+        """Set a PV's capacity, only on the object (UID) and version that was decided on."""
+        body = {"metadata": {"uid": uid, "resourceVersion": resource_version},
+                "spec": {"capacity": {"storage": storage}}}
+        return self._call("patch", lambda: self._core.patch_persistent_volume(
+            name, body, _preload_content=False, _request_timeout=self._timeout))
 
     def remove_node_taint(self, name: str, key: str, attempts: int = 5) -> bool:
         """Remove the taints with `key` from a Node; True when there was one. A JSON patch that

@@ -46,7 +46,8 @@ from agent.volumes import NodeInfo
 
 log = logging.getLogger(__name__)
 
-CONDITIONS = frozenset({Scope.MISSING, Scope.CHANGED})  # reported again after they clear
+# reported again after they clear
+CONDITIONS = frozenset({Scope.MISSING, Scope.CHANGED, Scope.CAPACITY})
 EVENTS_DRAIN = 1.0  # seconds queued Events get to be posted when the loop stops
 WAIT_TICK = 2.0  # seconds between heartbeats (and config checks) while waiting
 
@@ -61,6 +62,7 @@ class PassResult:
     cleaning: frozenset[str] = frozenset()  # PV names being cleaned or waiting to retry
     errors: int = 0
     woken_at: float | None = None  # when the wake-up this pass answers arrived
+    resized: int = 0
 
 
 @dataclass
@@ -290,7 +292,7 @@ class Reconciler:
         if not errors:
             errors += self._clear_startup_taint(desired)
         result = PassResult(found, the_plan, done.created_by_mode, done.adopted, done.withdrawn,
-                            recycling.cleaning, errors, woken_at)
+                            recycling.cleaning, errors, woken_at, done.resized)
         self._report(the_plan, recycling, found)
         self.state.first_sync_done = True
         self.state.last_pass = result

@@ -63,6 +63,7 @@ class AgentSample:
     config_reloads: Mapping[str, int] = field(default_factory=dict)  # result -> count
     held: Mapping[str, int] = field(default_factory=dict)  # why -> dirty volumes held back
     ready: bool = False
+    capacity_differs: int = 0  # claimed PVs whose capacity is not their disk's size
 
 
 class StateCollector(Collector):
@@ -104,6 +105,10 @@ class StateCollector(Collector):
                       "Volumes holding a former tenant's data that are neither cleaned nor "
                       "offered until an operator acts (disk_changed, unverified).", ["reason"],
                       (((k,), n) for k, n in s.held.items()))
+        yield GaugeMetricFamily(f"{OWN}_volumes_capacity_differs",
+                                "Claimed PVs whose capacity differs from their disk's size "
+                                "now (left as they are; see CapacityChanged Events).",
+                                value=s.capacity_differs)
         yield _family(CounterMetricFamily, "wakeups", "Wake-ups of the loop, by source.",
                       ["source"], (((k,), n) for k, n in s.wakeups.items()))
         yield _family(CounterMetricFamily, "wakeup_source_failures",

@@ -1,5 +1,6 @@
-"""The opt-in behaviours on the in-memory API: the startup taint. The real proof is in
-tests/e2e (test_startup_taint.py); these say which decision went wrong.
+"""The opt-in behaviours on the in-memory API: the startup taint and capacity changes. The
+real proof is in tests/e2e (test_startup_taint.py, test_capacity.py); these say which decision
+went wrong.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from typing import Any
 
 import pytest
 
+from agent import pv as pvs
 from agent.kube import ApiError
-from agent.plan import offered_all
+from agent.plan import Resize, offered_all, plan
 from agent.volumes import NodeInfo
+from tests.unit.fake_host import GiB
 from tests.unit.rig import CLASS, HOSTNAME, NODE, Rig
 
 TAINT = "localpv-agent.io/not-ready"
@@ -23,6 +26,17 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     r = Rig(tmp_path)
     yield r
     r.close()
+
+
+# -- quantities --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    ("20Gi", 20 * GiB), ("64Mi", 64 << 20), ("1073741824", 1 << 30), ("5G", 5 * 10**9),
+    ("3k", 3000), ("1Ti", 1 << 40), ("1.5Gi", None), ("", None), ("1e3", None), ("Gi", None),
+])
+def test_quantities_the_agent_compares(text: str, size: int | None) -> None:
+    assert pvs.quantity_bytes(text) == size
 
 
 # -- the startup taint -------------------------------------------------------------------------
@@ -95,3 +109,80 @@ def test_offered_all_counts_only_this_nodes_live_pvs() -> None:
     going = {**mine, "metadata": {**mine["metadata"], "deletionTimestamp": "2026-01-01T00:00:00Z"}}
     assert not offered_all(want, {"p": going}, node)
     assert offered_all([], {}, node)
+
+
+# -- capacity ----------------------------------------------------------------------------------
+
+
+def test_an_available_pv_takes_its_disks_new_size(rig: Rig) -> None:
+    disk = rig.host.add(CLASS, "a")
+    rig.start()
+    rig.pass_()
+    before = rig.pv("a")
+    assert before is not None and before["spec"]["capacity"]["storage"] == "20Gi"
+    disk.capacity = 30 * GiB
+    result = rig.pass_()
+    assert result.resized == 1 and result.errors == 0
+    after = rig.pv("a")
+    assert after is not None and after["spec"]["capacity"]["storage"] == "30Gi"
+    assert after["metadata"]["uid"] == before["metadata"]["uid"]
+    assert rig.reasons() == ["Provisioned", "CapacityUpdated"]
+    assert rig.pass_().plan.writes == 0  # settled
+
+
+def test_a_resize_of_a_pv_bound_meanwhile_fails_its_precondition(rig: Rig) -> None:
+    disk = rig.host.add(CLASS, "a")
+    rig.start()
+    rig.pass_()
+    disk.capacity = 30 * GiB
+    rig.pump()
+    rig.kube.bind(rig.name("a"))  # bound after the cache was read: the patch gets 409
+    result = rig.loop.sync()
+    assert result.errors == 0 and result.resized == 0
+    assert rig.kube.pvs[rig.name("a")]["spec"]["capacity"]["storage"] == "20Gi"
+    assert rig.pass_().plan.capacity_differs == (rig.name("a"),)  # now seen bound: reported
+    assert rig.kube.pvs[rig.name("a")]["spec"]["capacity"]["storage"] == "20Gi"
+
+
+def test_a_bound_pv_keeps_its_size_and_is_reported_once_per_size(rig: Rig) -> None:
+    disk = rig.host.add(CLASS, "a")
+    rig.start()
+    rig.pass_()
+    rig.kube.bind(rig.name("a"))
+    disk.capacity = 30 * GiB
+    for _ in range(3):
+        result = rig.pass_()
+        assert result.plan.writes == 0 and result.plan.capacity_differs == (rig.name("a"),)
+    pv = rig.pv("a")
+    assert pv is not None and pv["spec"]["capacity"]["storage"] == "20Gi"
+    changed = rig.events("CapacityChanged")
+    assert len(changed) == 1 and "30Gi" in changed[0]["message"]
+    assert changed[0]["type"] == "Warning"
+    disk.capacity = 40 * GiB  # grown again: reported again
+    rig.pass_()
+    assert len(rig.events("CapacityChanged")) == 2
+    disk.capacity = 20 * GiB  # back to the PV's size: cleared
+    assert rig.pass_().plan.capacity_differs == ()
+
+
+def test_capacity_is_left_alone_when_the_pv_cannot_be_read_or_is_another_class() -> None:
+    node = NodeInfo(NODE, "uid", labels={"kubernetes.io/hostname": HOSTNAME})
+    manifest = {"metadata": {"name": "p"}, "spec": {
+        "local": {"path": "/mnt/disks/a"}, "storageClassName": CLASS,
+        "capacity": {"storage": "30Gi"}}}
+
+    def existing(capacity: str, cls: str = CLASS) -> dict[str, Any]:
+        return {"metadata": {"name": "p", "uid": "u", "resourceVersion": "7", "annotations": {
+            "pv.kubernetes.io/provisioned-by": f"local-volume-provisioner-{NODE}"}},
+            "spec": {"local": {"path": "/mnt/disks/a"}, "storageClassName": cls,
+                     "capacity": {"storage": capacity}, "nodeAffinity": {"required": {
+                         "nodeSelectorTerms": [{"matchExpressions": [{
+                             "key": "kubernetes.io/hostname", "operator": "In",
+                             "values": [HOSTNAME]}]}]}}},
+            "status": {"phase": "Available"}}
+
+    assert plan([manifest], {"p": existing("20Gi")}, node).resize == (
+        Resize("p", "u", "7", "30Gi", "20Gi", "/mnt/disks/a"),)
+    assert plan([manifest], {"p": existing("30720Mi")}, node).resize == ()  # same size
+    assert plan([manifest], {"p": existing("1.5Ti")}, node).resize == ()
+    assert plan([manifest], {"p": existing("20Gi", "other")}, node).resize == ()

@@ -205,7 +205,8 @@ def test_a_closed_recorder_posts_nothing_more(recorder: tuple) -> None:
 
 
 def test_reasons_carry_their_event_type() -> None:
-    normal = (Reason.PROVISIONED, Reason.VOLUME_CLEANED, Reason.CONFIG_RELOADED)
+    normal = (Reason.PROVISIONED, Reason.VOLUME_CLEANED, Reason.CONFIG_RELOADED,
+              Reason.CAPACITY_UPDATED)
     assert {r.event_type for r in normal} == {"Normal"}
     assert {r.event_type for r in Reason if r not in normal} == {"Warning"}
     assert str(Once(Scope.MISSING, "pv/uid")) == "missing/pv/uid"
