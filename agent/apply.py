@@ -109,7 +109,8 @@ class PVWriter:
                                     f"{resize.path} changed size", uid=resize.uid))
 
     def _withdraw(self, withdrawal: Withdrawal, done: Applied) -> None:
-        """Delete an unbound PV whose disk is gone, only if nobody touched it since we looked."""
+        """Delete an unbound PV whose disk is gone (or whose class was removed), only if nobody
+        touched it since we looked."""
         try:
             self.ctx.kube.delete_pv(withdrawal.name, withdrawal.uid, withdrawal.resource_version)
         except ApiError as exc:
@@ -122,11 +123,12 @@ class PVWriter:
             return
         done.withdrawn += 1
         self.ctx.pvs.deleted(withdrawal.name, withdrawal.uid)
-        log.warning("withdrew PV %s: the disk behind %s is gone and the PV was unbound",
-                    withdrawal.name, withdrawal.path)
+        why = withdrawal.why or f"the disk behind {withdrawal.path} is gone"
+        log.warning("withdrew PV %s (%s): %s and the PV was unbound", withdrawal.name,
+                    withdrawal.path, why)
         self.ctx.events.post(Notice("Node", self.ctx.node.name, Reason.VOLUME_WITHDRAWN,
-                                    f"PV {withdrawal.name} deleted: the disk behind "
-                                    f"{withdrawal.path} is gone and nothing had claimed it"))
+                                    f"PV {withdrawal.name} ({withdrawal.path}) deleted: {why} "
+                                    "and nothing had claimed it"))
 
     def _resolve_conflict(self, name: str, path: str) -> None:
         """The name exists already: adopt it when it is this node's PV for the same path."""

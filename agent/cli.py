@@ -158,7 +158,9 @@ def _settings(args: argparse.Namespace, resync: float | None) -> RunSettings:
     return RunSettings(
         node_name=args.node_name, resync_period=resync or 300.0,
         poll_period=args.discovery_period if poll else None,
-        withdraw_missing=args.withdraw_missing, clean_stale_after=args.clean_stale_after,
+        withdraw_missing=args.withdraw_missing,
+        withdraw_removed_classes=args.withdraw_removed_classes,
+        clean_stale_after=args.clean_stale_after,
         clean_retry_base=args.clean_retry_base, config_path=args.config,
         job_image=args.job_image, namespace=args.namespace)
 
@@ -413,6 +415,10 @@ def _parser() -> argparse.ArgumentParser:
     run_p.add_argument("--withdraw-missing", action=argparse.BooleanOptionalAction,
                        default=True,
                        help="delete an unbound PV whose disk is gone (default: on)")
+    run_p.add_argument("--withdraw-removed-classes", action=argparse.BooleanOptionalAction,
+                       default=False,
+                       help="delete this node's Available PVs whose class is no longer in the "
+                            "config; claimed ones are left, with an Event (default: off)")
     run_p.add_argument("--udev-buffer-size", type=int, default=None, help=argparse.SUPPRESS)
     run_p.add_argument("--state-dir", default="/var/lib/localpv-agent",
                        help="host dir remembering volumes not cleaned yet (default: %(default)s)")

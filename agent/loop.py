@@ -47,7 +47,7 @@ from agent.volumes import NodeInfo
 log = logging.getLogger(__name__)
 
 # reported again after they clear
-CONDITIONS = frozenset({Scope.MISSING, Scope.CHANGED, Scope.CAPACITY})
+CONDITIONS = frozenset({Scope.MISSING, Scope.CHANGED, Scope.CAPACITY, Scope.CLASS_REMOVED})
 EVENTS_DRAIN = 1.0  # seconds queued Events get to be posted when the loop stops
 WAIT_TICK = 2.0  # seconds between heartbeats (and config checks) while waiting
 
@@ -283,7 +283,10 @@ class Reconciler:
         errors = self.recycler.guard.record_identities(ours, states, volumes)
         recycling = self.recycler.decide(ours, states, volumes)
         desired = self.classes.desired(found, recycling.hold)
-        the_plan = plan(desired, cached, self.node, states, self.settings.withdraw_missing)
+        configured = (frozenset(c.name for c in self.config.classes)
+                      if self.settings.withdraw_removed_classes else None)
+        the_plan = plan(desired, cached, self.node, states, self.settings.withdraw_missing,
+                        classes=configured)
         # never let queued or running work touch a disk that is not the PV's any more
         self.recycler.cancel((pvs.local_path(cached[n]) or "" for n in the_plan.changed_disk),
                              "a different disk is there")

@@ -33,6 +33,7 @@ class Reason(StrEnum):
     STATE_DIR_UNWRITABLE = "StateDirUnwritable"
     CAPACITY_UPDATED = "CapacityUpdated"  # an Available PV got its disk's new size
     CAPACITY_CHANGED = "CapacityChanged"  # a claimed PV's disk changed size; the PV is left
+    CLASS_REMOVED = "ClassRemoved"  # a claimed PV's class left the config; the PV is left
 
     @property
     def event_type(self) -> str:
@@ -58,6 +59,7 @@ class Scope(StrEnum):
     CLEAN_FAILED = "clean-failed"  # one failed attempt
     JOB_FAILED = "job-failed"  # a failed cleaning Job, until it is deleted
     CAPACITY = "capacity"  # a claimed PV whose capacity differs from its disk's
+    CLASS_REMOVED = "class-removed"  # a claimed PV of a class no longer configured
 
 
 @dataclass(frozen=True)

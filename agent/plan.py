@@ -37,12 +37,14 @@ class Adoption:
 
 @dataclass(frozen=True)
 class Withdrawal:
-    """An unbound PV whose disk is gone: delete exactly this version of it, nothing newer."""
+    """An unbound PV whose disk is gone (or whose class was removed, `why`): delete exactly
+    this version of it, nothing newer."""
 
     name: str
     uid: str
     resource_version: str
     path: str
+    why: str = ""  # "": the disk is gone
 
 
 @dataclass(frozen=True)
@@ -74,16 +76,19 @@ class Plan:
         return len(self.create) + len(self.adopt) + len(self.withdraw) + len(self.resize)
 
 
-def plan(
+def plan(  # noqa: PLR0913 - every fact of the pass it decides on, as plain values
     desired: Sequence[Mapping[str, Any]],
     actual: Mapping[str, PV],
     node: NodeInfo,
     states: Mapping[str, tuple[VolumeState, Mapping[str, str]]] | None = None,
     withdraw_missing: bool = True,
+    *,
+    classes: frozenset[str] | None = None,
 ) -> Plan:
     """What to write so every desired volume has exactly one PV of its disk's size, and what
     to say about the PVs whose disk went away (`states`: by PV name, what the host shows at
-    its path)."""
+    its path). With `classes` (the configured ones), unclaimed PVs of any other class are
+    withdrawn (`--withdraw-removed-classes`); None leaves them, as the upstream does."""
     ours = [pv for pv in actual.values() if pvs.is_this_nodes(pv, node)]
     by_path: dict[str, list[PV]] = defaultdict(list)
     for pv in ours:
@@ -114,10 +119,15 @@ def plan(
     resizes = [s for _, s in sizes if isinstance(s, Resize)]
     sized_apart = [name for name, s in sizes if isinstance(s, Notice)]
     notices.extend(s for _, s in sizes if isinstance(s, Notice))
-    withdrawals: list[Withdrawal] = []
+    removed = {pvs.name(pv): _removed_class(pv) for pv in sorted(ours, key=pvs.name)
+               if classes is not None and pvs.storage_class(pv) not in classes}
+    withdrawals = [w for w in removed.values() if isinstance(w, Withdrawal)]
+    notices.extend(n for n in removed.values() if isinstance(n, Notice))
     missing: list[str] = []
     changed: list[str] = []
     for pv in sorted(ours, key=pvs.name):
+        if pvs.name(pv) in removed:
+            continue  # its class is gone: decided above
         state, identity = (states or {}).get(pvs.name(pv), (VolumeState.UNKNOWN, {}))
         if state is VolumeState.GONE:
             missing.append(pvs.name(pv))
@@ -136,7 +146,7 @@ def plan(
 
 
 def unclaimed(pv: PV) -> bool:
-    """Available and promised to no claim: the only PV the agent may resize."""
+    """Available and promised to no claim: the only PV the agent may resize or withdraw."""
     return (pvs.phase(pv) == "Available" and pvs.claim_ref(pv) is None
             and not pvs.deleting(pv))
 
@@ -162,6 +172,22 @@ def _capacity(pv: PV, manifest: Mapping[str, Any]) -> Resize | Notice | None:
                   f"the disk at {path!r} now holds {wanted} but the PV "
                   f"({pvs.phase(pv) or 'unbound'}) says {have}; it is left as it is while "
                   "it is claimed", Once(Scope.CAPACITY, f"{name}/{uid}/{wanted}"), uid=uid)
+
+
+def _removed_class(pv: PV) -> Withdrawal | Notice | None:
+    """A PV of a class no longer configured: withdrawn when unclaimed, so nothing new binds to
+    it; a claimed one is left to its claim and reported."""
+    name, uid, cls = pvs.name(pv), pvs.uid(pv), pvs.storage_class(pv)
+    path = local_path(pv) or ""
+    if unclaimed(pv):
+        return Withdrawal(name, uid, pvs.resource_version(pv), path,
+                          f"its class {cls} is no longer in the config")
+    if pvs.deleting(pv):
+        return None
+    return Notice("PersistentVolume", name, Reason.CLASS_REMOVED,
+                  f"class {cls} is no longer in the config; the PV "
+                  f"({pvs.phase(pv) or 'unbound'}) at {path!r} is left as it is while it is "
+                  "claimed", Once(Scope.CLASS_REMOVED, f"{name}/{uid}"), uid=uid)
 
 
 def offered_all(desired: Iterable[Mapping[str, Any]], actual: Mapping[str, PV],

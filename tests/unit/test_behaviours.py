@@ -1,6 +1,6 @@
-"""The opt-in behaviours on the in-memory API: the startup taint and capacity changes. The
-real proof is in tests/e2e (test_startup_taint.py, test_capacity.py); these say which decision
-went wrong.
+"""The opt-in behaviours on the in-memory API: the startup taint, capacity changes and PVs of a
+class removed from the config. The real proof is in tests/e2e (test_startup_taint.py,
+test_capacity.py, test_removed_class.py); these say which decision went wrong.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from tests.unit.fake_host import GiB
 from tests.unit.rig import CLASS, HOSTNAME, NODE, Rig
 
 TAINT = "localpv-agent.io/not-ready"
+FAST = "fast"
 
 
 @pytest.fixture
@@ -186,3 +187,77 @@ def test_capacity_is_left_alone_when_the_pv_cannot_be_read_or_is_another_class()
     assert plan([manifest], {"p": existing("30720Mi")}, node).resize == ()  # same size
     assert plan([manifest], {"p": existing("1.5Ti")}, node).resize == ()
     assert plan([manifest], {"p": existing("20Gi", "other")}, node).resize == ()
+
+
+# -- removed classes ---------------------------------------------------------------------------
+
+
+def two_class_rig(tmp_path: Path, **settings: Any) -> Rig:
+    r = Rig(tmp_path, classes={CLASS: {"hostDir": "/mnt/disks"},
+                               FAST: {"hostDir": "/mnt/fast"}}, **settings)
+    r.host.add(CLASS, "a")
+    r.host.add(FAST, "f")
+    r.host.add(FAST, "g")
+    r.start()
+    r.pass_()
+    assert len(r.kube.pvs) == 3
+    return r
+
+
+def test_available_pvs_of_a_removed_class_are_withdrawn_bound_ones_reported(
+        tmp_path: Path) -> None:
+    r = two_class_rig(tmp_path, withdraw_removed_classes=True)
+    try:
+        r.kube.bind(r.name("g", FAST))
+        r.write_config({CLASS: {"hostDir": "/mnt/disks"}})
+        assert r.loop._reload_config()
+        result = r.pass_()
+        assert result.withdrawn == 1 and result.errors == 0
+        assert r.pv("f", FAST) is None and r.pv("g", FAST) is not None
+        assert r.pv("a") is not None
+        withdrawn = r.events("VolumeWithdrawn")
+        assert len(withdrawn) == 1 and "no longer in the config" in withdrawn[0]["message"]
+        for _ in range(2):
+            assert r.pass_().plan.writes == 0
+        removed = r.events("ClassRemoved")
+        assert len(removed) == 1 and removed[0]["involvedObject"]["name"] == r.name("g", FAST)
+    finally:
+        r.close()
+
+
+def test_a_withdrawal_of_a_pv_bound_meanwhile_fails_its_precondition(tmp_path: Path) -> None:
+    r = two_class_rig(tmp_path, withdraw_removed_classes=True)
+    try:
+        r.write_config({CLASS: {"hostDir": "/mnt/disks"}})
+        assert r.loop._reload_config()
+        r.pump()
+        r.kube.bind(r.name("f", FAST))
+        result = r.loop.sync()
+        assert result.withdrawn == 1 and result.errors == 0  # g went; f was bound meanwhile
+        assert r.pv("f", FAST) is not None and r.pv("g", FAST) is None
+    finally:
+        r.close()
+
+
+def test_removed_classes_are_left_alone_by_default(tmp_path: Path) -> None:
+    r = two_class_rig(tmp_path)
+    try:
+        r.write_config({CLASS: {"hostDir": "/mnt/disks"}})
+        assert r.loop._reload_config()
+        result = r.pass_()
+        assert result.plan.writes == 0 and len(r.kube.pvs) == 3
+        assert "ClassRemoved" not in r.reasons()
+    finally:
+        r.close()
+
+
+def test_the_flag_is_off_by_default_and_reaches_the_settings() -> None:
+    from agent import cli  # noqa: PLC0415
+
+    def settings(*flags: str) -> bool:
+        args = cli._parser().parse_args(["run", "--node-name", NODE, *flags])
+        return cli._settings(args, None).withdraw_removed_classes
+
+    assert settings() is False
+    assert settings("--withdraw-removed-classes") is True
+    assert settings("--withdraw-removed-classes", "--no-withdraw-removed-classes") is False
