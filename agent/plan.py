@@ -170,8 +170,9 @@ def _capacity(pv: PV, manifest: Mapping[str, Any]) -> Resize | Notice | None:
         return None
     return Notice("PersistentVolume", name, Reason.CAPACITY_CHANGED,
                   f"the disk at {path!r} now holds {wanted} but the PV "
-                  f"({pvs.phase(pv) or 'unbound'}) says {have}; it is left as it is while "
-                  "it is claimed", Once(Scope.CAPACITY, f"{name}/{uid}/{wanted}"), uid=uid)
+                  f"({pvs.phase(pv) or 'no phase yet'}) says {have}; only an Available PV "
+                  "is resized, so this one is left as it is",
+                  Once(Scope.CAPACITY, f"{name}/{uid}/{wanted}"), uid=uid)
 
 
 def _removed_class(pv: PV) -> Withdrawal | Notice | None:
@@ -185,9 +186,9 @@ def _removed_class(pv: PV) -> Withdrawal | Notice | None:
     if pvs.deleting(pv):
         return None
     return Notice("PersistentVolume", name, Reason.CLASS_REMOVED,
-                  f"class {cls} is no longer in the config; the PV "
-                  f"({pvs.phase(pv) or 'unbound'}) at {path!r} is left as it is while it is "
-                  "claimed", Once(Scope.CLASS_REMOVED, f"{name}/{uid}"), uid=uid)
+                  f"class {cls} is no longer in the config; only an Available PV is "
+                  f"withdrawn, so this one ({pvs.phase(pv) or 'no phase yet'}) at {path!r} "
+                  "is left as it is", Once(Scope.CLASS_REMOVED, f"{name}/{uid}"), uid=uid)
 
 
 def offered_all(desired: Iterable[Mapping[str, Any]], actual: Mapping[str, PV],
