@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
+from agent.kube import Kube
 from tests.disks import disks
 from tests.e2e.agents import (
     Agent,
@@ -175,3 +176,30 @@ def test_pods_reach_the_node_only_after_its_pvs_exist(
         if agent is not None:
             agent.stop()
         cluster.api("DELETE", f"/api/v1/namespaces/default/pods/{pod_name}")
+
+
+def test_a_taint_added_between_the_read_and_the_patch_is_kept(
+        cluster: ControlPlane, tainted_node: str) -> None:
+    """The Node patch tests the taint list it read: when another client changes the taints in
+    between, the real apiserver refuses the patch, and the agent reads again and retries,
+    so the other client's taint survives."""
+    node = tainted_node
+    kube = Kube(str(cluster.kubeconfig))
+    read = kube._core.read_node
+    reads = 0
+
+    def read_then_taint(name: str, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        answer = read(name, **kwargs)
+        if reads == 1:  # the agent now holds a taint list that is about to be stale
+            cluster.kubectl("taint", "nodes", name, "late.example/added:NoSchedule")
+        return answer
+
+    kube._core.read_node = read_then_taint  # type: ignore[method-assign]
+    assert kube.remove_node_taint(node, TAINT)
+    assert reads == 2
+    assert kube.request_counts().get(("patch", "error")) == 1
+    after = taints(cluster.api("GET", f"/api/v1/nodes/{node}")[1])
+    assert sorted(after) == ["late.example/added", "other.example/keep"]
+    assert not kube.remove_node_taint(node, TAINT)  # idempotent: nothing left to remove
