@@ -161,7 +161,9 @@ def _settings(args: argparse.Namespace, resync: float | None) -> RunSettings:
     return RunSettings(
         node_name=args.node_name, resync_period=resync or 300.0,
         poll_period=args.discovery_period if poll else None,
-        withdraw_missing=args.withdraw_missing, clean_stale_after=args.clean_stale_after,
+        withdraw_missing=args.withdraw_missing,
+        withdraw_removed_classes=args.withdraw_removed_classes,
+        clean_stale_after=args.clean_stale_after,
         clean_retry_base=args.clean_retry_base, config_path=args.config,
         job_image=args.job_image, namespace=args.namespace)
 
@@ -397,7 +399,8 @@ def sample_state(reconciler: Reconciler, kube: Kube) -> AgentSample:
         source_failures=status.source_failures, sources_active=status.sources_active,
         api_requests=kube.request_counts(), config_reloads=status.config_reloads,
         held=status.held, ready=status.first_sync_done and kube.reachable,
-        proctable=reconciler.cleaner.table() if reconciler.cleaner is not None else (0, 0, 0))
+        proctable=reconciler.cleaner.table() if reconciler.cleaner is not None else (0, 0, 0),
+        capacity_differs=len(last.plan.capacity_differs) if last is not None else 0)
 
 
 def render_table(found: Discovery, manifests: Sequence[dict[str, Any]]) -> str:
@@ -512,6 +515,10 @@ def _parser() -> argparse.ArgumentParser:
     run_p.add_argument("--withdraw-missing", action=argparse.BooleanOptionalAction,
                        default=True,
                        help="delete an unbound PV whose disk is gone (default: on)")
+    run_p.add_argument("--withdraw-removed-classes", action=argparse.BooleanOptionalAction,
+                       default=False,
+                       help="delete this node's Available PVs whose class is no longer in the "
+                            "config; claimed ones are left, with an Event (default: off)")
     run_p.add_argument("--udev-buffer-size", type=int, default=None, help=argparse.SUPPRESS)
     run_p.add_argument("--state-dir", default="/var/lib/localpv-agent",
                        help="host dir remembering volumes not cleaned yet (default: %(default)s)")

@@ -147,6 +147,7 @@ class AgentSample:
     # In-process cleans as the upstream's process table counts them: running, and finished
     # (succeeded, failed) but not yet acted on by the loop.
     proctable: tuple[int, int, int] = (0, 0, 0)
+    capacity_differs: int = 0  # claimed PVs whose capacity is not their disk's size
 
 
 class StateCollector(Collector):
@@ -193,6 +194,10 @@ class StateCollector(Collector):
                       "Volumes holding a former tenant's data that are neither cleaned nor "
                       "offered until an operator acts (disk_changed, unverified).", ["reason"],
                       (((k,), n) for k, n in s.held.items()))
+        yield GaugeMetricFamily(f"{OWN}_volumes_capacity_differs",
+                                "Claimed PVs whose capacity differs from their disk's size "
+                                "now (left as they are; see CapacityChanged Events).",
+                                value=s.capacity_differs)
         yield _family(CounterMetricFamily, "wakeups", "Wake-ups of the loop, by source.",
                       ["source"], (((k,), n) for k, n in s.wakeups.items()))
         yield _family(CounterMetricFamily, "wakeup_source_failures",
