@@ -1,4 +1,4 @@
-"""The Helm chart against the test control plane (real apiserver, KWOK nodes).
+"""The Helm chart on the test control planes (real apiserver; KWOK nodes, and the real node).
 
 - `helm template` of the defaults and of every values file under charts/localpv-agent/ci is
   accepted by `kubectl apply --dry-run=server` (admission, RBAC escalation checks, schema of
@@ -11,18 +11,24 @@
   ConfigMap projected into a directory the way the kubelet does it, turns a real loop device
   into a PV of the chart's class; after the upgrade it reloads the new ConfigMap and labels
   the next PV as the upgraded values say.
-
-The agent runs as a process, not in the DaemonSet's pod: KWOK nodes run no containers. The
-real kubelet node (tests/e2e/test_real_node.py) deploys daemonset.yaml, which the chart's
-default render equals object by object (tests/lint/test_chart.py).
+- On the real node (containerd + kubelet, tests/harness/realnode.py, in a control plane of
+  its own): `helm install` of the defaults with only what this environment forces (the image
+  built here, hostNetwork and the API's address, a free metrics port, host paths under the
+  node's dir), the agent's pod running on the kubelet and a host disk becoming a PV; then
+  `helm upgrade`, the kubelet bringing the new ConfigMap to the pod and the agent reloading it
+  without a restart.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import time
+import urllib.request
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +36,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.conftest import require
 from tests.disks import Disks, sh
 from tests.e2e.agents import (
     REPO,
@@ -40,6 +47,7 @@ from tests.e2e.agents import (
     write_token_kubeconfig,
 )
 from tests.harness.controlplane import ControlPlane
+from tests.harness.realnode import Images, RealNode, stop_node, wait_daemonset_ready
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
@@ -262,3 +270,107 @@ def _reloaded(agent: Agent) -> bool:
         if line.startswith("localpv_agent_config_reloads_total") and '"applied"' in line:
             return float(line.split()[-1]) >= 1
     return False
+
+
+# ------------------------------------------------------------------------------- real node
+
+
+@pytest.fixture(scope="module")
+def real_node(bin_dir: Path, tmp_path_factory: pytest.TempPathFactory
+              ) -> Iterator[tuple[ControlPlane, RealNode]]:
+    """A control plane of its own with the real node (containerd + kubelet) and no agent:
+    the chart deploys it."""
+    require(os.geteuid() == 0, "the real node needs root")
+    missing = [t for t in ("containerd", "ctr", "runc", "buildah", "mmdebstrap", "unshare")
+               if shutil.which(t) is None]
+    require(not missing, f"missing {missing}: run scripts/install-system-deps")
+    images = Images.build()
+    workdir = tmp_path_factory.mktemp("chart-real-node")
+    plane = ControlPlane(workdir, bin_dir)
+    try:
+        plane.start(nodes=0)
+        node = RealNode(plane, images)
+        # The harness drops its Popen handles of containerd and the kubelet (they are tracked
+        # by pid files and die with this process), which Python reports as a ResourceWarning.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            node.start()
+        yield plane, node
+    finally:
+        stop_node(workdir)
+        plane.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _agent_metric(port: int, name: str, result: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name) and f'"{result}"' in line:
+                return float(line.split()[-1])
+    return 0.0
+
+
+def test_chart_runs_the_agent_on_the_real_node(real_node: tuple[ControlPlane, RealNode],
+                                               helm: Helm, tmp_path: Path) -> None:
+    """helm install of the chart's defaults with only what this environment forces (the
+    image built here, hostNetwork and the API's address, a free metrics port, host paths under
+    the node's dir): the agent's pod runs on the real kubelet and turns a disk mounted on the
+    host into a PV; helm upgrade changes the ConfigMap, the kubelet brings it to the pod, the
+    agent reloads it without a restart and labels the next PV."""
+    plane, node = real_node
+    port = _free_port()
+    values: dict[str, Any] = {
+        "image": node.images.agent,
+        "hostNetwork": True,
+        "extraEnv": [{"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
+                     {"name": "KUBERNETES_SERVICE_PORT", "value": plane.server.rsplit(":", 1)[1]}],
+        "metrics": {"port": port},
+        "classes": [{"name": "local-storage", "hostDir": str(node.disks_dir),
+                     "mountDir": "/mnt/disks", "storageClass": True}],
+        "stateDir": str(node.paths.agent_state),
+    }
+    values_file = tmp_path / "values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    ns = "localpv-agent"
+    plane.kubectl("create", "namespace", ns)
+    plane.kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=privileged")
+    disks_ = Disks(tmp_path)
+    try:
+        assert _install(helm, plane, "install", "localpv-agent", ns, values_file)["version"] == 1
+        wait_daemonset_ready(plane, 300, node.log_tails)
+        _, pods = plane.api("GET", f"/api/v1/namespaces/{ns}/pods")
+        (pod,) = pods["items"]
+        assert pod["spec"]["nodeName"] == node.name and pod["spec"]["hostNetwork"] is True
+        first = _wait_real_pv(plane, _add_disk(disks_, node.disks_dir, "chart-first"))
+        assert first["spec"]["storageClassName"] == "local-storage"
+
+        applied = _agent_metric(port, "localpv_agent_config_reloads_total", "applied")
+        values["labelsForPV"] = {"installed-by": "helm-upgrade"}
+        values_file.write_text(yaml.safe_dump(values))
+        assert _install(helm, plane, "upgrade", "localpv-agent", ns, values_file)["version"] == 2
+        wait_for(lambda: _agent_metric(port, "localpv_agent_config_reloads_total", "applied")
+                 > applied, 240, "the kubelet to bring the upgraded ConfigMap to the agent",
+                 node.log_tails)
+        second = _wait_real_pv(plane, _add_disk(disks_, node.disks_dir, "chart-second"))
+        assert second["metadata"]["labels"]["installed-by"] == "helm-upgrade"
+        _, after = plane.api("GET", f"/api/v1/namespaces/{ns}/pods")
+        assert [p["metadata"]["uid"] for p in after["items"]] == [pod["metadata"]["uid"]]
+    finally:
+        helm.run("uninstall", "localpv-agent", "--namespace", ns, "--wait",
+                 kubeconfig=plane.kubeconfig, check=False)
+        disks_.cleanup()
+
+
+def _wait_real_pv(plane: ControlPlane, path: Path) -> dict[str, Any]:
+    def pv_at() -> dict[str, Any]:
+        _, body = plane.api("GET", "/api/v1/persistentvolumes")
+        found = [p for p in body.get("items", [])
+                 if p["spec"].get("local", {}).get("path") == str(path)]
+        return found[0] if found else {}
+
+    return wait_for(pv_at, 120, f"a PV for {path}")
