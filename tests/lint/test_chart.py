@@ -15,6 +15,7 @@ binaries); the server-side dry runs and the install are in tests/e2e/test_chart.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
@@ -45,7 +46,7 @@ Docs = list[dict[str, Any]]
 @pytest.fixture(scope="module")
 def helm() -> Path:
     """helm from scripts/build-binaries' bin dir, like kubectl for the e2e tests."""
-    require(Path("/usr/local/go/bin/go").exists() or _which_go(),
+    require(shutil.which("go") is not None or Path("/usr/local/go/bin/go").exists(),
             "Go is needed to build helm (scripts/build-binaries)")
     result = subprocess.run([str(ROOT / "scripts" / "build-binaries")], capture_output=True,
                             text=True, check=False, timeout=3600)
@@ -54,12 +55,6 @@ def helm() -> Path:
     path = Path(result.stdout.strip().splitlines()[-1]) / "helm"
     assert path.exists(), f"no helm in {path.parent}"
     return path
-
-
-def _which_go() -> bool:
-    import shutil  # noqa: PLC0415
-
-    return shutil.which("go") is not None
 
 
 def run_helm(helm: Path, *args: str) -> subprocess.CompletedProcess[str]:
