@@ -1,4 +1,5 @@
-"""Config parsing: upstream defaults, YAML 1.1 booleans, and one clear error per mistake."""
+"""Config parsing: upstream defaults, YAML 1.1 booleans, and one clear error per mistake; and
+reading it from a mounted ConfigMap directory or a file (`agent.configfiles`)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from agent.config import (
     MAX_CONFIG_BYTES,
     MAX_WARNINGS,
     ConfigError,
-    fingerprint,
-    load_config,
     parse_config,
+    parse_config_file,
+    parse_config_texts,
 )
+from agent.configfiles import fingerprint, load_config
 
 MINIMAL = {"storageClassMap": {"local-storage": {"hostDir": "/mnt/disks"}}}
 
@@ -175,6 +177,18 @@ def test_daemonset_configmap_loads_as_mounted(tmp_path: Path) -> None:
     config = load_config(tmp_path)
     assert [c.name for c in config.classes] == ["local-storage"]
     assert config.classes[0].mount_dir == "/mnt/disks" and config.warnings == ()
+    assert parse_config_texts(configmap["data"]) == config  # the pure core, no files
+
+
+def test_texts_parse_without_files_and_errors_name_the_key_or_file() -> None:
+    texts = {"storageClassMap": "sc1:\n  hostDir: /mnt/disks\n", "setPVOwnerRef": "yes\n"}
+    config = parse_config_texts(texts)
+    assert [c.name for c in config.classes] == ["sc1"] and config.set_pv_owner_ref
+    with pytest.raises(ConfigError, match=r"^useNodeNameOnly: invalid YAML at line \d+"):
+        parse_config_texts({"useNodeNameOnly": "[unclosed"})
+    assert parse_config_file("", "/etc/c.yaml") == parse_config({})
+    with pytest.raises(ConfigError, match=r"^/etc/c.yaml: the file must hold a mapping"):
+        parse_config_file("- a list\n", "/etc/c.yaml")
 
 
 def one_class(**body: object) -> dict[str, object]:
