@@ -99,16 +99,23 @@ class Kube:
 
     def list_pvs(self, label_selector: str = "", limit: int = 500) -> Iterator[tuple[PV, str]]:
         """All PVs matching the selector, page by page, each with the list's resourceVersion."""
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"limit": limit, "label_selector": label_selector}
-            if token:
-                kwargs["_continue"] = token
-            page = self._call("list", lambda kw=kwargs: self._core.list_persistent_volume(  # type: ignore[misc]
-                _preload_content=False, _request_timeout=self._timeout, **kw))
+        for page in self._pages(self._core.list_persistent_volume, limit,
+                                label_selector=label_selector):
             version = page["metadata"].get("resourceVersion", "")
             for item in page.get("items") or []:
                 yield item, version
+
+    def _pages(self, lister: Callable[..., Any], limit: int,
+               **params: str) -> Iterator[dict[str, Any]]:
+        """A list request's pages, each requested when the previous one is consumed."""
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"limit": limit, **params}
+            if token:
+                kwargs["_continue"] = token
+            page = self._call("list", lambda kw=kwargs: lister(  # type: ignore[misc]
+                _preload_content=False, _request_timeout=self._timeout, **kw))
+            yield page
             token = page["metadata"].get("continue")
             if not token:
                 return
@@ -129,14 +136,19 @@ class Kube:
     def watch_pvs(self, label_selector: str, resource_version: str,
                   timeout_seconds: int = 300) -> Iterator[tuple[str, PV]]:
         """Watch events (type, PV) from a version; raises ApiError(410) when it expired."""
+        return self._watch(self._core.list_persistent_volume, timeout_seconds,
+                           label_selector=label_selector, resource_version=resource_version)
+
+    def _watch(self, lister: Callable[..., Any], timeout_seconds: int,
+               **params: str) -> Iterator[tuple[str, Any]]:
+        """One watch request: its events as (type, raw object). Every failure is an ApiError
+        (0 when no status came back), and an in-stream ERROR event is the 410 it carries."""
         w = watch.Watch()
         start = time.monotonic()
         try:
             for event in w.stream(
-                self._core.list_persistent_volume, label_selector=label_selector,
-                resource_version=resource_version, timeout_seconds=timeout_seconds,
-                allow_watch_bookmarks=True, deserialize=False,
-                _request_timeout=timeout_seconds + 30,
+                lister, **params, timeout_seconds=timeout_seconds, allow_watch_bookmarks=True,
+                deserialize=False, _request_timeout=timeout_seconds + 30,
             ):
                 yield event["type"], event["object"]
             self._count("watch", "ok", time.monotonic() - start)
@@ -293,44 +305,18 @@ class ClusterKube(Kube):
         """Every object of a kind in `LISTS`, page by page, and the list's resourceVersion."""
         lister = getattr(self._core, dict(self.LISTS)[kind])
         found: list[dict[str, Any]] = []
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"limit": limit, "field_selector": field_selector}
-            if token:
-                kwargs["_continue"] = token
-            page = self._call("list", lambda kw=kwargs: lister(  # type: ignore[misc]
-                _preload_content=False, _request_timeout=self._timeout, **kw))
+        version = ""
+        for page in self._pages(lister, limit, field_selector=field_selector):
             found.extend(page.get("items") or [])
-            token = page["metadata"].get("continue")
-            if not token:
-                return found, page["metadata"].get("resourceVersion", "")
+            version = page["metadata"].get("resourceVersion", "")
+        return found, version
 
     def watch_all(self, kind: str, resource_version: str, field_selector: str = "",
                   timeout_seconds: int = 300) -> Iterator[tuple[str, dict[str, Any]]]:
         """Watch events (type, object) of a kind from a version; ApiError(410) when expired."""
         lister = getattr(self._core, dict(self.LISTS)[kind])
-        w = watch.Watch()
-        start = time.monotonic()
-        try:
-            for event in w.stream(
-                lister, field_selector=field_selector, resource_version=resource_version,
-                timeout_seconds=timeout_seconds, allow_watch_bookmarks=True, deserialize=False,
-                _request_timeout=timeout_seconds + 30,
-            ):
-                yield event["type"], event["object"]
-            self._count("watch", "ok", time.monotonic() - start)
-        except ApiException as exc:
-            self._count("watch", "error", time.monotonic() - start, exc.status or 0)
-            raise ApiError("watch", exc.status or 0, str(exc.reason)) from None
-        except KeyError:  # an in-stream ERROR event (410), unreadable with deserialize=False
-            self._count("watch", "error", time.monotonic() - start, 410)
-            raise ApiError("watch", 410, "the watch ended with an error event (its "
-                                         "resourceVersion expired)") from None
-        except (HTTPError, OSError) as exc:
-            self._count("watch", "error", time.monotonic() - start, 0)
-            raise ApiError("watch", 0, str(exc)) from None
-        finally:
-            w.stop()
+        return self._watch(lister, timeout_seconds, field_selector=field_selector,
+                           resource_version=resource_version)
 
     def get_pvc(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._get_or_none(lambda: self._core.read_namespaced_persistent_volume_claim(

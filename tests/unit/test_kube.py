@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from agent.kube import ApiError, Kube
+from agent.kube import ApiError, ClusterKube, Kube
 from tests.unit.fake_apiserver import serving
 from tests.unit.fake_kube import FakeKube
 
@@ -139,6 +139,26 @@ def test_a_watch_streams_changes_and_says_when_it_expired(api: tuple) -> None:
     with pytest.raises(ApiError) as expired:  # an in-stream ERROR event, as the API sends it
         list(kube.watch_pvs(SELECTOR, version))
     assert expired.value.gone
+
+
+def test_the_cluster_wide_list_and_watch_page_and_map_errors_as_the_pv_ones_do(
+        tmp_path: Path) -> None:
+    fake = FakeKube(watch_timeout=0.2)
+    for i in range(3):
+        fake.put_pv(manifest(f"pv-{i}"))
+    with serving(fake, tmp_path) as (kubeconfig, seen):
+        cluster = ClusterKube(str(kubeconfig), timeout=5.0)
+        found, version = cluster.list_all("persistentvolumes", limit=2)
+        assert [pv["metadata"]["name"] for pv in found] == ["pv-0", "pv-1", "pv-2"]
+        assert version == str(fake.rv) and len(seen) == 2  # two pages
+        fake.bind("pv-1")
+        events = [(kind, pv["metadata"]["name"])
+                  for kind, pv in cluster.watch_all("persistentvolumes", version)]
+        assert events == [("MODIFIED", "pv-1")] and cluster.requests[("watch", "ok")] == 1
+        fake.compact()
+        with pytest.raises(ApiError) as expired:
+            list(cluster.watch_all("persistentvolumes", version))
+        assert expired.value.gone and cluster.requests[("watch", "error")] == 1
 
 
 def test_an_api_that_does_not_answer_is_an_error_with_status_zero(tmp_path: Path) -> None:
