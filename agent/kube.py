@@ -14,13 +14,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
+from agent.pv import rfc3339
 from agent.volumes import NodeInfo
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ class Kube:
                    host: str) -> None:
         """A core/v1 Event about an object: in its namespace, or `default` for cluster-scoped
         ones (a Node, a PV), as the kubelet does."""
-        now = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+        now = rfc3339(time.time(), micro=True)
         name = f"{obj['name']}.{time.time_ns():x}"
         namespace = obj.get("namespace") or EVENTS_NAMESPACE
         body: Any = {

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from agent.kube import ApiError, ClusterKube, Kube
+from agent.pv import rfc3339
 from tests.unit.fake_apiserver import serving
 from tests.unit.fake_kube import FakeKube
 
@@ -179,3 +180,9 @@ def test_an_api_that_does_not_answer_is_an_error_with_status_zero(tmp_path: Path
         list(kube.watch_pvs(SELECTOR, "1", timeout_seconds=1))
     assert watch.value.status == 0
     assert kube.requests[("get", "error")] == 1 and kube.requests[("watch", "error")] == 1
+
+
+def test_timestamps_are_rfc3339_in_utc_to_the_second_or_the_microsecond() -> None:
+    assert rfc3339(1_764_547_200.25) == "2025-12-01T00:00:00Z"  # records, annotations
+    assert rfc3339(1_764_547_200.25, micro=True) == "2025-12-01T00:00:00.250000Z"  # MicroTime
+    assert rfc3339(1.9999999, micro=True) == "1970-01-01T00:00:01.999999Z"  # never rounds up
