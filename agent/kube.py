@@ -8,6 +8,7 @@ verb and outcome, for metrics and for the benchmarks that claim the agent is lig
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -65,15 +66,23 @@ class Kube:
         # No retries inside the client: a stalled API would hold one call for several
         # timeouts. The agent retries with its own backoff, and each failure shows.
         cfg.retries = 0
-        api = client.ApiClient(cfg)
-        self._core = client.CoreV1Api(api)
-        self._storage = client.StorageV1Api(api)
-        self._batch = client.BatchV1Api(api)
+        self._api = client.ApiClient(cfg)
+        self._core = client.CoreV1Api(self._api)
         self._timeout = timeout
         self.requests: Counter[tuple[str, str]] = Counter()  # (verb, "ok" | "error")
         self._requests_lock = threading.Lock()  # requests come from several threads
         self.reachable = False  # did the last request get an answer from a healthy server?
         self._observe = observe
+
+    # The other API groups are built on first use: each imports its generated models, seconds
+    # of CPU with the client's pydantic models, which an agent without Jobs never needs.
+    @functools.cached_property
+    def _storage(self) -> Any:
+        return client.StorageV1Api(self._api)
+
+    @functools.cached_property
+    def _batch(self) -> Any:
+        return client.BatchV1Api(self._api)
 
     def request_counts(self) -> dict[tuple[str, str], int]:
         """Requests so far by (verb, "ok" | "error"), read safely from any thread."""
@@ -293,12 +302,13 @@ class ClusterKube(Kube):
     LISTS = (("nodes", "list_node"), ("persistentvolumes", "list_persistent_volume"),
              ("pods", "list_pod_for_all_namespaces"))  # the kinds list_all and watch_all know
 
-    def __init__(self, kubeconfig: str | None = None, observe: RequestObserver | None = None,
-                 timeout: float = 30.0) -> None:
-        super().__init__(kubeconfig, observe=observe, timeout=timeout)
-        api = self._core.api_client
-        self._apps = client.AppsV1Api(api)
-        self._coordination = client.CoordinationV1Api(api)
+    @functools.cached_property
+    def _apps(self) -> Any:
+        return client.AppsV1Api(self._api)
+
+    @functools.cached_property
+    def _coordination(self) -> Any:
+        return client.CoordinationV1Api(self._api)
 
     def list_all(self, kind: str, field_selector: str = "",
                  limit: int = 500) -> tuple[list[dict[str, Any]], str]:

@@ -43,13 +43,15 @@ def test_deep_tree_beyond_path_max(tmp_path: Path) -> None:
     root = tmp_path / "vol"
     root.mkdir()
     fd = os.open(root, os.O_RDONLY)
-    for _ in range(3000):  # 3000 * "/d" is past PATH_MAX (4096)
+    depth = 1400  # "dd/" 1400 times is 4200 bytes below the root: past PATH_MAX (4096)
+    for _ in range(depth):
         os.mkdir("dd", dir_fd=fd)
         nxt = os.open("dd", os.O_RDONLY, dir_fd=fd)
         os.close(fd)
         fd = nxt
     os.close(fd)
-    assert clean_filesystem(str(root), os.stat(root).st_dev).dirs == 3000
+    assert len("dd/" * depth) > os.pathconf(root, "PC_PATH_MAX")
+    assert clean_filesystem(str(root), os.stat(root).st_dev).dirs == depth
     assert os.listdir(root) == []
 
 

@@ -3,7 +3,9 @@ reading it from a mounted ConfigMap directory or a file (`agent.configfiles`).""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -415,14 +417,28 @@ def test_config_of_exactly_the_limit_is_read(tmp_path: Path) -> None:
         load_config(path)
 
 
+class _ManyClasses(Mapping[str, Any]):
+    """300,000 classes that may only be counted: the cap must refuse them before any work
+    per class (iterating them fails the test)."""
+
+    def __len__(self) -> int:
+        return 300_000
+
+    def __iter__(self) -> Iterator[str]:
+        raise AssertionError("the classes were iterated before the count was checked")
+
+    def __getitem__(self, key: str) -> Any:
+        raise AssertionError("a class was read before the count was checked")
+
+
 def test_class_count_is_capped(tmp_path: Path) -> None:
-    classes = {f"c{i}": {"hostDir": f"/mnt/d{i}"} for i in range(300_000)}
     with pytest.raises(ConfigError) as caught:
-        parse_config({"storageClassMap": classes})
+        parse_config({"storageClassMap": _ManyClasses()})
     assert caught.value.key_path == "storageClassMap" and caught.value.value == 300_000
     assert "300000 storage classes, over the limit of 1000" in str(caught.value)
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump({"storageClassMap": dict(list(classes.items())[:1000])}))
+    path.write_text("storageClassMap:\n" + "".join(
+        f"  c{i}:\n    hostDir: /mnt/d{i}\n" for i in range(1000)))
     assert len(load_config(path).classes) == 1000
 
 
