@@ -33,8 +33,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.discovery import parse_mountinfo
+from agent.discovery import mounts_under, parse_mountinfo
 from agent.identity import Match, compare
+from agent.pv import rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -379,6 +380,14 @@ def _child_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def state_file_name(path: str, suffix: str) -> str:
+    """A volume's file name in the state dir (dirty records, locks): the first 32 hex digits of
+    the SHA-256 of its host path (any bytes, as surrogate escapes), a fixed-length name for any
+    path. Existing state dirs hold these names: changing the scheme orphans their records."""
+    digest = hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()
+    return digest[:32] + suffix
+
+
 class DirtyStore:
     """Host paths of volumes that held a tenant's data and are not cleaned yet, each with the
     identity of the disk that held it.
@@ -420,7 +429,7 @@ class DirtyStore:
         if self._file(path).exists():
             return
         record = {"path": path, "pv": pv_name, "identity": dict(identity),
-                  "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                  "since": rfc3339(time.time())}
         tmp = self._file(path).with_suffix(".tmp")
         with tmp.open("w") as f:
             f.write(json.dumps(record))
@@ -444,8 +453,7 @@ class DirtyStore:
         return self._file(path)
 
     def _file(self, path: str) -> Path:
-        digest = hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()
-        return self.dir / f"{digest[:32]}.json"
+        return self.dir / state_file_name(path, ".json")
 
 
 @dataclass(frozen=True)
@@ -501,8 +509,8 @@ class VolumeLock:
         if lock_dir is None:
             return
         lock_dir.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-        fd = os.open(lock_dir / f"{digest}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(lock_dir / state_file_name(key, ".lock"),
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -719,8 +727,7 @@ class Cleaner:
             self.check_identity(job)
             # The mount table now, not when the clean was decided: a mount may have appeared.
             with open(self.mountinfo, encoding="utf-8", errors="surrogateescape") as f:
-                nested = [m.mount_point for m in parse_mountinfo(f.read())
-                          if m.mount_point.startswith(real.rstrip("/") + "/")]
+                nested = mounts_under(parse_mountinfo(f.read()), real)
             if job.fs_command:
                 return self._run_fs_command(job, root_fd, real, st, label, stop)
             return run_filesystem_cleaner(root_fd, real, st.st_dev,

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import yaml
 
-from agent.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from agent.config import DEFAULT_CONFIG_PATH, Config, ConfigError
+from agent.configfiles import load_config
 from agent.discovery import Discovery, discover
 from agent.host import HostReader
 from agent.volumes import (

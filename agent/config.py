@@ -6,23 +6,21 @@ or one YAML file holding the same keys. Everything is validated up front, and ev
 the key path and the bad value, because a typo in a ConfigMap is the most common way to lose a
 node's volumes.
 
-The config is untrusted input: it is size-capped before parsing, duplicate YAML keys are errors,
-discovery directories must be clean absolute paths outside system directories, and every check
-stays linear in the config's size.
+This module only parses the texts it is given; `agent.configfiles` reads them. The config is
+untrusted input: it is size-capped before parsing (`MAX_CONFIG_BYTES`, applied while reading),
+duplicate YAML keys are errors, discovery directories must be clean absolute paths outside
+system directories, and every check stays linear in the config's size.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import math
-import os
 import posixpath
 import re
 import reprlib
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -161,79 +159,23 @@ class Config:
         return next((c for c in self.classes if c.name == name), None)
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read a ConfigMap-style directory or a single YAML file and validate it.
-
-    All files are read (at most `MAX_CONFIG_BYTES` together) before any is parsed."""
-    p = Path(path)
-    if p.is_dir():
-        # The kubelet's atomic writer keeps `..data` and timestamped dirs next to the keys.
-        files = [e for e in sorted(p.iterdir()) if not e.name.startswith(".") and e.is_file()]
-        texts = _read_config_files(p, files, keys=True)
-        return parse_config({name: _load_yaml(text, name) for name, text in texts.items()})
-    if p.is_file():
-        data = _load_yaml(_read_config_files(p, [p], keys=False)[p.name], str(p))
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            raise ConfigError(str(p), _short(data), "the file must hold a mapping of config keys")
-        return parse_config(data)
-    raise ConfigError("--config", str(p), "no such file or directory")
+def parse_config_texts(texts: Mapping[str, str]) -> Config:
+    """Validate a ConfigMap given as its keys' YAML texts (one file per key when mounted)."""
+    return parse_config({name: _load_yaml(text, name) for name, text in texts.items()})
 
 
-def fingerprint(path: str | os.PathLike[str]) -> str:
-    """A digest of what `load_config` would read, to notice edits (the kubelet swaps a
-    symlink when a mounted ConfigMap changes, so mtimes are not enough). Reads at most
-    `MAX_CONFIG_BYTES` + 1 of each file, plus its size: a config over the limit is refused
-    whatever its tail holds."""
-    p = Path(path)
-    digest = hashlib.sha256()
-    try:
-        files = ([e for e in sorted(p.iterdir()) if not e.name.startswith(".") and e.is_file()]
-                 if p.is_dir() else [p])
-        for entry in files:
-            with entry.open("rb") as stream:
-                size = os.fstat(stream.fileno()).st_size
-                head = stream.read(MAX_CONFIG_BYTES + 1)
-            digest.update(f"{entry.name}\0{size}\0".encode() + head + b"\0")
-    except OSError as exc:
-        digest.update(f"unreadable: {exc}".encode())
-    return digest.hexdigest()
-
-
-def _read_config_files(where: Path, files: list[Path], keys: bool) -> dict[str, str]:
-    """Each file's text, all within one `MAX_CONFIG_BYTES` budget (key names count, as they do
-    in a ConfigMap); never reads more than the budget + 1 byte, however large a file is."""
-    budget = MAX_CONFIG_BYTES
-    texts = {}
-    for entry in files:
-        if keys:
-            budget -= len(entry.name.encode())
-        with entry.open("rb") as stream:
-            data = stream.read(max(budget, 0) + 1)
-        budget -= len(data)
-        if budget < 0:
-            total = sum((len(f.name.encode()) if keys else 0) + _size(f) for f in files)
-            what = "the config's keys and values hold" if keys else "the config file holds"
-            raise ConfigError(
-                str(where), total, f"{what} {total} bytes, over the 1 MiB limit "
-                f"({MAX_CONFIG_BYTES} bytes, also a ConfigMap's maximum); nothing was parsed")
-        try:
-            texts[entry.name] = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ConfigError(entry.name, f"byte {exc.start}", "not valid UTF-8") from None
-    return texts
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
+def parse_config_file(text: str, where: str) -> Config:
+    """Validate one YAML document holding all the keys; `where` names it in errors."""
+    data = _load_yaml(text, where)
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(where, _short(data), "the file must hold a mapping of config keys")
+    return parse_config(data)
 
 
 def parse_config(raw: Mapping[str, Any]) -> Config:
-    """Validate already-parsed config keys (the pure core of `load_config`)."""
+    """Validate already-parsed config keys."""
     warnings = [f"{key}: unknown key, ignored" for key in raw if key not in TOP_KEYS]
     classes_raw = raw.get("storageClassMap") or {}
     _expect(isinstance(classes_raw, Mapping), "storageClassMap", classes_raw, "must be a mapping")

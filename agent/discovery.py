@@ -419,6 +419,14 @@ def _has_undecodable_bytes(name: str) -> bool:
     return any("\udc80" <= ch <= "\udcff" for ch in name)
 
 
+def mounts_under(mounts: Iterable[Mount], root: str) -> tuple[str, ...]:
+    """Mount points strictly inside `root` (a resolved path): what a clean of `root` leaves
+    alone. Compared as strings, as the kernel reports them: `root` is not itself included."""
+    prefix = root.rstrip("/") + "/"
+    return tuple(m.mount_point for m in mounts
+                 if m.mount_point.startswith(prefix) and m.mount_point != prefix)
+
+
 def parse_mountinfo(text: str) -> list[Mount]:
     """Parse /proc/<pid>/mountinfo (see proc(5)); paths have `\\ooo` octal escapes."""
     mounts = []

@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 from agent.config import ClassConfig
+from agent.pv import rfc3339
 from agent.volumes import HOSTNAME_LABEL, MANAGED_BY, MANAGED_BY_LABEL, NodeInfo
 
 JOB_PREFIX = "cleanup-"
@@ -43,7 +44,7 @@ def cleanup_job(
 ) -> dict[str, Any]:
     """A privileged Job on this node running the class's block cleaner on `device` (the
     in-container path under the class's mountDir)."""
-    started = (now or datetime.now(UTC)).isoformat().replace("+00:00", "Z")
+    started = rfc3339((now or datetime.now(UTC)).timestamp())
     container = {
         "name": CONTAINER,
         "image": image,

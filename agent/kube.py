@@ -8,19 +8,20 @@ verb and outcome, for metrics and for the benchmarks that claim the agent is lig
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
+from agent.pv import rfc3339
 from agent.volumes import NodeInfo
 
 log = logging.getLogger(__name__)
@@ -65,15 +66,23 @@ class Kube:
         # No retries inside the client: a stalled API would hold one call for several
         # timeouts. The agent retries with its own backoff, and each failure shows.
         cfg.retries = 0
-        api = client.ApiClient(cfg)
-        self._core = client.CoreV1Api(api)
-        self._storage = client.StorageV1Api(api)
-        self._batch = client.BatchV1Api(api)
+        self._api = client.ApiClient(cfg)
+        self._core = client.CoreV1Api(self._api)
         self._timeout = timeout
         self.requests: Counter[tuple[str, str]] = Counter()  # (verb, "ok" | "error")
         self._requests_lock = threading.Lock()  # requests come from several threads
         self.reachable = False  # did the last request get an answer from a healthy server?
         self._observe = observe
+
+    # The other API groups are built on first use: each imports its generated models, seconds
+    # of CPU with the client's pydantic models, which an agent without Jobs never needs.
+    @functools.cached_property
+    def _storage(self) -> Any:
+        return client.StorageV1Api(self._api)
+
+    @functools.cached_property
+    def _batch(self) -> Any:
+        return client.BatchV1Api(self._api)
 
     def request_counts(self) -> dict[tuple[str, str], int]:
         """Requests so far by (verb, "ok" | "error"), read safely from any thread."""
@@ -99,16 +108,23 @@ class Kube:
 
     def list_pvs(self, label_selector: str = "", limit: int = 500) -> Iterator[tuple[PV, str]]:
         """All PVs matching the selector, page by page, each with the list's resourceVersion."""
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"limit": limit, "label_selector": label_selector}
-            if token:
-                kwargs["_continue"] = token
-            page = self._call("list", lambda kw=kwargs: self._core.list_persistent_volume(  # type: ignore[misc]
-                _preload_content=False, _request_timeout=self._timeout, **kw))
+        for page in self._pages(self._core.list_persistent_volume, limit,
+                                label_selector=label_selector):
             version = page["metadata"].get("resourceVersion", "")
             for item in page.get("items") or []:
                 yield item, version
+
+    def _pages(self, lister: Callable[..., Any], limit: int,
+               **params: str) -> Iterator[dict[str, Any]]:
+        """A list request's pages, each requested when the previous one is consumed."""
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"limit": limit, **params}
+            if token:
+                kwargs["_continue"] = token
+            page = self._call("list", lambda kw=kwargs: lister(  # type: ignore[misc]
+                _preload_content=False, _request_timeout=self._timeout, **kw))
+            yield page
             token = page["metadata"].get("continue")
             if not token:
                 return
@@ -129,14 +145,19 @@ class Kube:
     def watch_pvs(self, label_selector: str, resource_version: str,
                   timeout_seconds: int = 300) -> Iterator[tuple[str, PV]]:
         """Watch events (type, PV) from a version; raises ApiError(410) when it expired."""
+        return self._watch(self._core.list_persistent_volume, timeout_seconds,
+                           label_selector=label_selector, resource_version=resource_version)
+
+    def _watch(self, lister: Callable[..., Any], timeout_seconds: int,
+               **params: str) -> Iterator[tuple[str, Any]]:
+        """One watch request: its events as (type, raw object). Every failure is an ApiError
+        (0 when no status came back), and an in-stream ERROR event is the 410 it carries."""
         w = watch.Watch()
         start = time.monotonic()
         try:
             for event in w.stream(
-                self._core.list_persistent_volume, label_selector=label_selector,
-                resource_version=resource_version, timeout_seconds=timeout_seconds,
-                allow_watch_bookmarks=True, deserialize=False,
-                _request_timeout=timeout_seconds + 30,
+                lister, **params, timeout_seconds=timeout_seconds, allow_watch_bookmarks=True,
+                deserialize=False, _request_timeout=timeout_seconds + 30,
             ):
                 yield event["type"], event["object"]
             self._count("watch", "ok", time.monotonic() - start)
@@ -196,7 +217,7 @@ class Kube:
                    host: str) -> None:
         """A core/v1 Event about an object: in its namespace, or `default` for cluster-scoped
         ones (a Node, a PV), as the kubelet does."""
-        now = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+        now = rfc3339(time.time(), micro=True)
         name = f"{obj['name']}.{time.time_ns():x}"
         namespace = obj.get("namespace") or EVENTS_NAMESPACE
         body: Any = {
@@ -316,56 +337,31 @@ class ClusterKube(Kube):
     LISTS = (("nodes", "list_node"), ("persistentvolumes", "list_persistent_volume"),
              ("pods", "list_pod_for_all_namespaces"))  # the kinds list_all and watch_all know
 
-    def __init__(self, kubeconfig: str | None = None, observe: RequestObserver | None = None,
-                 timeout: float = 30.0) -> None:
-        super().__init__(kubeconfig, observe=observe, timeout=timeout)
-        api = self._core.api_client
-        self._apps = client.AppsV1Api(api)
-        self._coordination = client.CoordinationV1Api(api)
+    @functools.cached_property
+    def _apps(self) -> Any:
+        return client.AppsV1Api(self._api)
+
+    @functools.cached_property
+    def _coordination(self) -> Any:
+        return client.CoordinationV1Api(self._api)
 
     def list_all(self, kind: str, field_selector: str = "",
                  limit: int = 500) -> tuple[list[dict[str, Any]], str]:
         """Every object of a kind in `LISTS`, page by page, and the list's resourceVersion."""
         lister = getattr(self._core, dict(self.LISTS)[kind])
         found: list[dict[str, Any]] = []
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"limit": limit, "field_selector": field_selector}
-            if token:
-                kwargs["_continue"] = token
-            page = self._call("list", lambda kw=kwargs: lister(  # type: ignore[misc]
-                _preload_content=False, _request_timeout=self._timeout, **kw))
+        version = ""
+        for page in self._pages(lister, limit, field_selector=field_selector):
             found.extend(page.get("items") or [])
-            token = page["metadata"].get("continue")
-            if not token:
-                return found, page["metadata"].get("resourceVersion", "")
+            version = page["metadata"].get("resourceVersion", "")
+        return found, version
 
     def watch_all(self, kind: str, resource_version: str, field_selector: str = "",
                   timeout_seconds: int = 300) -> Iterator[tuple[str, dict[str, Any]]]:
         """Watch events (type, object) of a kind from a version; ApiError(410) when expired."""
         lister = getattr(self._core, dict(self.LISTS)[kind])
-        w = watch.Watch()
-        start = time.monotonic()
-        try:
-            for event in w.stream(
-                lister, field_selector=field_selector, resource_version=resource_version,
-                timeout_seconds=timeout_seconds, allow_watch_bookmarks=True, deserialize=False,
-                _request_timeout=timeout_seconds + 30,
-            ):
-                yield event["type"], event["object"]
-            self._count("watch", "ok", time.monotonic() - start)
-        except ApiException as exc:
-            self._count("watch", "error", time.monotonic() - start, exc.status or 0)
-            raise ApiError("watch", exc.status or 0, str(exc.reason)) from None
-        except KeyError:  # an in-stream ERROR event (410), unreadable with deserialize=False
-            self._count("watch", "error", time.monotonic() - start, 410)
-            raise ApiError("watch", 410, "the watch ended with an error event (its "
-                                         "resourceVersion expired)") from None
-        except (HTTPError, OSError) as exc:
-            self._count("watch", "error", time.monotonic() - start, 0)
-            raise ApiError("watch", 0, str(exc)) from None
-        finally:
-            w.stop()
+        return self._watch(lister, timeout_seconds, field_selector=field_selector,
+                           resource_version=resource_version)
 
     def get_pvc(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._get_or_none(lambda: self._core.read_namespaced_persistent_volume_claim(

@@ -10,6 +10,7 @@ write, so it is parsed defensively and only well-typed values count.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -202,9 +203,16 @@ def newer(a: PV, b: PV) -> bool:
     return va.isdigit() and vb.isdigit() and int(va) > int(vb)
 
 
-def rfc3339(when: float) -> str:
-    """A UTC timestamp to the second, as the agent writes them in records."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+def rfc3339(when: float, micro: bool = False) -> str:
+    """A UTC timestamp (`when` in seconds since the epoch): to the second, as the agent writes
+    them in records and annotations, or to the microsecond (`micro`), as the API's MicroTime
+    fields (an Event's eventTime, a Lease's renewTime) want it. Every timestamp the agent
+    writes comes from here."""
+    if not micro:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+    whole = math.floor(when)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + \
+        f".{min(round((when - whole) * 1e6), 999_999):06d}Z"
 
 
 class CleaningState(StrEnum):

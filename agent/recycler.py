@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from agent import pv as pvs
 from agent.cleaner import Cleaner, CleanJob, CleanOutcome, DirtyStore
 from agent.context import Context
-from agent.discovery import Discovery, HostSnapshot, Volume
+from agent.discovery import Discovery, HostSnapshot, Volume, mounts_under
 from agent.heartbeats import Heartbeats
 from agent.jobclean import JobCleaning, JobResult
 from agent.jobs import job_name
@@ -116,9 +116,7 @@ class Recycler:
         cls = self.ctx.config.storage_class(volume.class_name) if volume else None
         if volume is None or cls is None:
             return None
-        real = os.path.realpath(volume.mount_path).rstrip("/") + "/"
-        nested = tuple(m.mount_point for m in snapshot.mounts
-                       if m.mount_point.startswith(real))
+        nested = mounts_under(snapshot.mounts, os.path.realpath(volume.mount_path))
         if decision.pv_name is not None:
             recorded = pvs.identity(self.ctx.pvs.cache.get(decision.pv_name) or {})
         else:

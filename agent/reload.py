@@ -13,7 +13,8 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 
-from agent.config import Config, ConfigError, fingerprint, load_config
+from agent.config import Config, ConfigError
+from agent.configfiles import fingerprint, load_config
 from agent.events import EventRecorder
 from agent.notices import Notice, Reason
 

@@ -22,7 +22,6 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from agent.metrics import (
     RemediationSample,
     stalled_after,
 )
+from agent.pv import rfc3339
 from agent.remediate import (
     DEFAULT_LEASE,
     Assessment,
@@ -155,7 +155,7 @@ class LeaseSettings:
 
 
 def wall_clock() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return rfc3339(time.time(), micro=True)
 
 
 class LeaderElector:

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from agent.cleaner import Cleaner, CleanError, CleanJob, CleanOutcome, DirtyStore
-from agent.config import load_config
+from agent.configfiles import load_config
 from agent.loop import Hooks, PassResult, Reconciler
 from agent.pvcache import PVWatcher
 from agent.settings import RunSettings

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,9 +16,11 @@ from agent.cleaner import (
     CleanError,
     CleanJob,
     CleanOutcome,
+    DirtyStore,
     capacity_breakdown,
     clean_filesystem,
     run_filesystem_cleaner,
+    state_file_name,
 )
 
 
@@ -37,17 +41,32 @@ def test_removes_everything_inside_and_follows_no_link(tmp_path: Path) -> None:
     assert (report.files, report.dirs) == (5, 2)
 
 
-def test_deep_tree_beyond_path_max(tmp_path: Path) -> None:
-    root = tmp_path / "vol"
+@pytest.fixture
+def memory_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory on tmpfs when there is one: creating and removing thousands of directories
+    on a disk-backed tmp_path waits on the journal (seconds on a busy machine)."""
+    if not os.access("/dev/shm", os.W_OK):
+        yield tmp_path
+        return
+    with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="localpv-test-") as path:
+        yield Path(path)
+
+
+def test_deep_tree_beyond_path_max(memory_dir: Path) -> None:
+    root = memory_dir / "vol"
     root.mkdir()
     fd = os.open(root, os.O_RDONLY)
-    for _ in range(3000):  # 3000 * "/d" is past PATH_MAX (4096)
+    # "dd/" 1400 times is 4200 bytes below the root, past PATH_MAX (4096), and 1400 levels are
+    # past Python's recursion limit (1000): the walk goes by descriptors, without recursing.
+    depth = 1400
+    for _ in range(depth):
         os.mkdir("dd", dir_fd=fd)
         nxt = os.open("dd", os.O_RDONLY, dir_fd=fd)
         os.close(fd)
         fd = nxt
     os.close(fd)
-    assert clean_filesystem(str(root), os.stat(root).st_dev).dirs == 3000
+    assert len("dd/" * depth) > os.pathconf(root, "PC_PATH_MAX")
+    assert clean_filesystem(str(root), os.stat(root).st_dev).dirs == depth
     assert os.listdir(root) == []
 
 
@@ -231,15 +250,27 @@ def test_a_stopped_child_clean_is_killed_and_reported(tmp_path: Path) -> None:
         os.close(fd)
 
 
+def test_state_file_names_stay_those_existing_state_dirs_hold(tmp_path: Path) -> None:
+    # The first 32 hex digits of SHA-256 of the path: records and locks written by earlier
+    # versions must still be found (a dirty record not found is a volume offered unclean).
+    assert state_file_name("/mnt/disks/vol", ".json") == "30628f98aa50c1b8a00fcfa0700076e6.json"
+    assert state_file_name("/mnt/d\udcff", ".lock") == "993edf09cd6c29cdc481a042e6845f40.lock"
+    store = DirtyStore(str(tmp_path))
+    store.mark("/mnt/disks/vol", "pv-1", {"uuid": "u"})
+    assert [f.name for f in (tmp_path / "dirty").iterdir()] == [
+        "30628f98aa50c1b8a00fcfa0700076e6.json"]
+    (record,) = store.records().values()
+    assert (record.path, record.pv, record.identity) == ("/mnt/disks/vol", "pv-1", {"uuid": "u"})
+    assert record.since.endswith("Z") and len(record.since) == len("2026-01-01T00:00:00Z")
+
+
 def test_a_volume_locked_by_another_agent_is_not_cleaned(tmp_path: Path) -> None:
     import fcntl  # noqa: PLC0415
-    import hashlib  # noqa: PLC0415
 
     volume, device = _volume(tmp_path)
     locks = tmp_path / "state" / "locks"
     locks.mkdir(parents=True)
-    digest = hashlib.sha256(b"/mnt/disks/vol").hexdigest()[:32]
-    held = os.open(locks / f"{digest}.lock", os.O_RDWR | os.O_CREAT)
+    held = os.open(locks / "30628f98aa50c1b8a00fcfa0700076e6.lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(held, fcntl.LOCK_EX)  # what a twin agent cleaning it holds
     done = threading.Event()
     cleaner = Cleaner(on_done=done.set, mountinfo="/dev/null", lock_dir=str(locks),

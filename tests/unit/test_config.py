@@ -1,8 +1,11 @@
-"""Config parsing: upstream defaults, YAML 1.1 booleans, and one clear error per mistake."""
+"""Config parsing: upstream defaults, YAML 1.1 booleans, and one clear error per mistake; and
+reading it from a mounted ConfigMap directory or a file (`agent.configfiles`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -12,10 +15,11 @@ from agent.config import (
     MAX_CONFIG_BYTES,
     MAX_WARNINGS,
     ConfigError,
-    fingerprint,
-    load_config,
     parse_config,
+    parse_config_file,
+    parse_config_texts,
 )
+from agent.configfiles import fingerprint, load_config
 
 MINIMAL = {"storageClassMap": {"local-storage": {"hostDir": "/mnt/disks"}}}
 
@@ -175,6 +179,18 @@ def test_daemonset_configmap_loads_as_mounted(tmp_path: Path) -> None:
     config = load_config(tmp_path)
     assert [c.name for c in config.classes] == ["local-storage"]
     assert config.classes[0].mount_dir == "/mnt/disks" and config.warnings == ()
+    assert parse_config_texts(configmap["data"]) == config  # the pure core, no files
+
+
+def test_texts_parse_without_files_and_errors_name_the_key_or_file() -> None:
+    texts = {"storageClassMap": "sc1:\n  hostDir: /mnt/disks\n", "setPVOwnerRef": "yes\n"}
+    config = parse_config_texts(texts)
+    assert [c.name for c in config.classes] == ["sc1"] and config.set_pv_owner_ref
+    with pytest.raises(ConfigError, match=r"^useNodeNameOnly: invalid YAML at line \d+"):
+        parse_config_texts({"useNodeNameOnly": "[unclosed"})
+    assert parse_config_file("", "/etc/c.yaml") == parse_config({})
+    with pytest.raises(ConfigError, match=r"^/etc/c.yaml: the file must hold a mapping"):
+        parse_config_file("- a list\n", "/etc/c.yaml")
 
 
 def one_class(**body: object) -> dict[str, object]:
@@ -401,14 +417,28 @@ def test_config_of_exactly_the_limit_is_read(tmp_path: Path) -> None:
         load_config(path)
 
 
+class _ManyClasses(Mapping[str, Any]):
+    """300,000 classes that may only be counted: the cap must refuse them before any work
+    per class (iterating them fails the test)."""
+
+    def __len__(self) -> int:
+        return 300_000
+
+    def __iter__(self) -> Iterator[str]:
+        raise AssertionError("the classes were iterated before the count was checked")
+
+    def __getitem__(self, key: str) -> Any:
+        raise AssertionError("a class was read before the count was checked")
+
+
 def test_class_count_is_capped(tmp_path: Path) -> None:
-    classes = {f"c{i}": {"hostDir": f"/mnt/d{i}"} for i in range(300_000)}
     with pytest.raises(ConfigError) as caught:
-        parse_config({"storageClassMap": classes})
+        parse_config({"storageClassMap": _ManyClasses()})
     assert caught.value.key_path == "storageClassMap" and caught.value.value == 300_000
     assert "300000 storage classes, over the limit of 1000" in str(caught.value)
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump({"storageClassMap": dict(list(classes.items())[:1000])}))
+    path.write_text("storageClassMap:\n" + "".join(
+        f"  c{i}:\n    hostDir: /mnt/d{i}\n" for i in range(1000)))
     assert len(load_config(path).classes) == 1000
 
 

@@ -16,6 +16,7 @@ from agent.discovery import (
     Reason,
     VolumeState,
     discover,
+    mounts_under,
     parse_mountinfo,
     unescape_mount_path,
 )
@@ -300,3 +301,11 @@ def test_a_dirty_volume_wins_its_disk_over_a_new_alias() -> None:
         dirty=frozenset({"/mnt/raw/b-dirty"}))
     assert [v.entry_name for v in found.volumes] == ["b-dirty"]
     assert found.exclusions[0].reason is Reason.DUPLICATE
+
+
+def test_mounts_under_a_volume_are_those_strictly_inside_it() -> None:
+    mounts = [ROOT, mount("8:2", "/d/fs/vol"), mount("8:3", "/d/fs/vol/a"),
+              mount("8:4", "/d/fs/vol/a/b"), mount("8:5", "/d/fs/volume2")]
+    assert mounts_under(mounts, "/d/fs/vol") == ("/d/fs/vol/a", "/d/fs/vol/a/b")
+    assert mounts_under(mounts, "/d/fs/vol/") == ("/d/fs/vol/a", "/d/fs/vol/a/b")
+    assert mounts_under([ROOT, mount("8:2", "/d")], "/") == ("/d",)

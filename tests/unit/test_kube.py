@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from agent.kube import ApiError, Kube
+from agent.kube import ApiError, ClusterKube, Kube
+from agent.pv import rfc3339
 from tests.unit.fake_apiserver import serving
 from tests.unit.fake_kube import FakeKube
 
@@ -141,6 +142,26 @@ def test_a_watch_streams_changes_and_says_when_it_expired(api: tuple) -> None:
     assert expired.value.gone
 
 
+def test_the_cluster_wide_list_and_watch_page_and_map_errors_as_the_pv_ones_do(
+        tmp_path: Path) -> None:
+    fake = FakeKube(watch_timeout=0.2)
+    for i in range(3):
+        fake.put_pv(manifest(f"pv-{i}"))
+    with serving(fake, tmp_path) as (kubeconfig, seen):
+        cluster = ClusterKube(str(kubeconfig), timeout=5.0)
+        found, version = cluster.list_all("persistentvolumes", limit=2)
+        assert [pv["metadata"]["name"] for pv in found] == ["pv-0", "pv-1", "pv-2"]
+        assert version == str(fake.rv) and len(seen) == 2  # two pages
+        fake.bind("pv-1")
+        events = [(kind, pv["metadata"]["name"])
+                  for kind, pv in cluster.watch_all("persistentvolumes", version)]
+        assert events == [("MODIFIED", "pv-1")] and cluster.requests[("watch", "ok")] == 1
+        fake.compact()
+        with pytest.raises(ApiError) as expired:
+            list(cluster.watch_all("persistentvolumes", version))
+        assert expired.value.gone and cluster.requests[("watch", "error")] == 1
+
+
 def test_an_api_that_does_not_answer_is_an_error_with_status_zero(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -159,3 +180,9 @@ def test_an_api_that_does_not_answer_is_an_error_with_status_zero(tmp_path: Path
         list(kube.watch_pvs(SELECTOR, "1", timeout_seconds=1))
     assert watch.value.status == 0
     assert kube.requests[("get", "error")] == 1 and kube.requests[("watch", "error")] == 1
+
+
+def test_timestamps_are_rfc3339_in_utc_to_the_second_or_the_microsecond() -> None:
+    assert rfc3339(1_764_547_200.25) == "2025-12-01T00:00:00Z"  # records, annotations
+    assert rfc3339(1_764_547_200.25, micro=True) == "2025-12-01T00:00:00.250000Z"  # MicroTime
+    assert rfc3339(1.9999999, micro=True) == "1970-01-01T00:00:01.999999Z"  # never rounds up

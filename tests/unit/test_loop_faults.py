@@ -13,7 +13,7 @@ from typing import Any
 
 from agent.backoff import Backoff
 from agent.cleaner import DirtyStore
-from agent.config import load_config
+from agent.configfiles import load_config
 from agent.host import HostReader
 from agent.loop import Reconciler
 from agent.settings import RunSettings
