@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from agent.volumes import pv_name
-from tests.disks import Disks, disks, sh
-from tests.e2e.agents import Agent, events_for, fs_and_block_dirs, node_for_test, pvs_of, wait_for
-from tests.harness.controlplane import ControlPlane
-from tests.harness.udevd import Udevd, settle, trigger_block_changes
+from devkit.agents import Agent, events_for, fs_and_block_dirs, node_for_test, pvs_of, wait_for
+from devkit.controlplane import ControlPlane
+from devkit.disks import Disks, disks, sh
+from devkit.udevd import Udevd, settle, trigger_block_changes
 
 FS, BLOCK = "local-storage", "local-block"
 REACT = 10.0  # seconds: generous for a loaded CI machine, far below the hour-long resync

@@ -15,11 +15,11 @@ import pytest
 import yaml
 
 from agent.volumes import pv_name
-from tests.disks import disks, sh
-from tests.e2e.agents import Agent, class_config, node_for_test, pvs_of, wait_for
+from devkit.agents import Agent, class_config, node_for_test, pvs_of, wait_for
+from devkit.controlplane import ControlPlane
+from devkit.disks import disks, sh
+from devkit.hungfs import HungMount
 from tests.e2e.proxy import Proxy
-from tests.harness.controlplane import ControlPlane
-from tests.harness.hungfs import HungMount
 
 CLASS = "local-storage"
 

@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from agent.volumes import pv_name
-from tests.disks import Disks, disks
-from tests.e2e.agents import REPO, Agent, events_for, items, pvs_of, wait_for
-from tests.harness.controlplane import ControlPlane
+from devkit.agents import REPO, Agent, events_for, items, pvs_of, wait_for
+from devkit.controlplane import ControlPlane
+from devkit.disks import Disks, disks
 
 NODES = ("node-1", "node-2", "node-3")
 CLASS = "local-storage"

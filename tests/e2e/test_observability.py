@@ -14,11 +14,11 @@ import pytest
 import yaml
 
 from agent.volumes import pv_name
+from devkit import prometheus
+from devkit.agents import Agent, class_config, events_for, pvs_of, wait_for
+from devkit.controlplane import ControlPlane
+from devkit.disks import disks, sh
 from tests.conftest import require
-from tests.disks import disks, sh
-from tests.e2e.agents import Agent, class_config, events_for, pvs_of, wait_for
-from tests.harness import prometheus
-from tests.harness.controlplane import ControlPlane
 
 MiB = 1 << 20
 CLASS = "local-storage"

@@ -19,8 +19,7 @@ import pytest
 import yaml
 
 from agent.volumes import pv_name
-from tests.disks import Disks, disks, sh
-from tests.e2e.agents import (
+from devkit.agents import (
     REPO,
     Agent,
     events_for,
@@ -29,7 +28,8 @@ from tests.e2e.agents import (
     pvs_of,
     wait_for,
 )
-from tests.harness.controlplane import ControlPlane
+from devkit.controlplane import ControlPlane
+from devkit.disks import Disks, disks, sh
 
 FS, BLOCK = "local-storage", "local-block"
 CLEANERS = REPO / "scripts" / "cleaners"

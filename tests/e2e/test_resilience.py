@@ -8,10 +8,10 @@ from pathlib import Path
 import yaml
 
 from agent.volumes import pv_name
-from tests.disks import disks
-from tests.e2e.agents import Agent, class_config, pvs_of, wait_for
+from devkit.agents import Agent, class_config, pvs_of, wait_for
+from devkit.controlplane import ControlPlane
+from devkit.disks import disks
 from tests.e2e.proxy import Proxy
-from tests.harness.controlplane import ControlPlane
 
 
 def test_api_outage_is_survived_and_new_disks_land_after_it(

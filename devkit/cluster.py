@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Start or stop a local Kubernetes control plane for manual and e2e use.
 
     scripts/cluster up [--nodes N] [--dir DIR] [--bin-dir BIN] [--real-node [--image NAME]]
@@ -13,12 +12,14 @@ Binaries come from ``scripts/build-binaries`` (fast once built) unless
 ``--bin-dir`` or ``LOCALPV_BIN_DIR`` names a directory.
 
 ``--real-node`` (root) adds one real Node, ``127.0.0.1``: containerd and a
-kubelet with their state under DIR/node (tests/harness/realnode.py), the pause
+kubelet with their state under DIR/node (devkit/realnode.py), the pause
 and agent images from ``scripts/build-images`` imported into its containerd,
 then the agent deployed from daemonset.yaml through a kustomize overlay
 (DIR/node/overlay) with ``kubectl apply -k``; ``up`` returns once the
 DaemonSet is Ready. ``down`` also stops the node and undoes what it did to the
 host (processes, mounts, loop devices, cgroups, the bridge, sysctls).
+
+``scripts/cluster`` runs this module (``python -m devkit.cluster``) in the project's virtualenv.
 """
 
 from __future__ import annotations
@@ -29,16 +30,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
-from harness.controlplane import (  # noqa: E402
+from devkit import REPO
+from devkit.controlplane import (
     ControlPlane,
     ControlPlaneError,
     running_pids,
     stop_workdir,
 )
-from harness.realnode import Images, RealNode, node_pids, stop_node  # noqa: E402
+from devkit.realnode import Images, RealNode, node_pids, stop_node
 
 DEFAULT_DIR = Path("/tmp/localpv-cluster")
 

@@ -14,10 +14,9 @@ from typing import Any, TypeVar
 
 import yaml
 
-from tests.harness import process
-from tests.harness.controlplane import ControlPlane
+from devkit import REPO, process
+from devkit.controlplane import ControlPlane
 
-REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
 
