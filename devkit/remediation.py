@@ -20,7 +20,7 @@ import yaml
 
 from agent.volumes import pv_name
 from devkit import REPO, process
-from devkit.agents import wait_for
+from devkit.agents import metric_sum, wait_for
 from devkit.controlplane import KWOK_NODE_ANNOTATION, ControlPlane
 
 ACCOUNT = "localpv-agent-remediate"
@@ -58,19 +58,20 @@ class Controller:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def metrics(self) -> dict[str, float]:
+    def text(self) -> str:
+        """Its /metrics, in the Prometheus text format."""
         import urllib.request  # noqa: PLC0415
 
         port = wait_for(lambda: self.port_file.exists() and self.port_file.read_text().strip(),
                         30, f"controller {self.name} port", on_timeout=self.log)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            text = r.read().decode()
-        return {m[1] + (m[2] or ""): float(m[3]) for m in METRIC.finditer(text)}
+            return str(r.read().decode())
+
+    def metrics(self) -> dict[str, float]:
+        return {m[1] + (m[2] or ""): float(m[3]) for m in METRIC.finditer(self.text())}
 
     def metric(self, name: str, **labels: str) -> float:
-        key = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
-                      if labels else "")
-        return self.metrics().get(key, 0.0)
+        return metric_sum(self.text(), name, **labels)
 
     def passes(self) -> float:
         return self.metric("localpv_agent_remediation_passes_total")

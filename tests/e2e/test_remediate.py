@@ -11,7 +11,6 @@ real disks make them and one of them comes back after its node was lost.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -205,9 +204,10 @@ def test_not_ready_alone_does_nothing_unless_enabled(
     wait_for(lambda: ((api_get(cluster, pod) or {}).get("metadata") or {}).get(
         "deletionTimestamp"), 60,
              "web-2 evicted, stuck terminating on the NotReady node")
-    wait_for(lambda: "not-ready trigger is off" in off.log(), 30, "the controller's verdict",
-             on_timeout=off.log)
+    wait_for(lambda: off.metric("localpv_agent_unavailable_nodes") == 1, 30,
+             "the controller counting the node down", on_timeout=off.log)
     off.wait_passes(3)
+    assert off.metric("localpv_agent_lost_nodes") == 0  # down, but the trigger is off
     assert claim_uid(cluster, s, "web-2") == victim["claim"]
     assert remediation_events(cluster, s) == []
     off.stop()
@@ -240,10 +240,10 @@ def test_node_back_within_the_delay_cancels(
     victim = before["web-1"]
     gone_at = time.monotonic()
     lost_by_deletion(cluster, victim["node"])
-    wait_for(lambda: f"node {victim['node']}: waiting" in c.log(), 30, "the wait logged",
+    wait_for(lambda: c.metric("localpv_agent_unavailable_nodes") == 1, 30, "the loss seen",
              on_timeout=c.log)
     cluster.add_node(victim["node"])  # back (a new Node object, KWOK behind it again)
-    wait_for(lambda: f"node {victim['node']}: healthy" in c.log(), 30, "the return seen",
+    wait_for(lambda: c.metric("localpv_agent_unavailable_nodes") == 0, 30, "the return seen",
              on_timeout=c.log)
     wait_for(lambda: time.monotonic() > gone_at + delay + 2, delay + 10, "the delay over",
              interval=0.5)
@@ -372,7 +372,8 @@ def test_two_replicas_one_leader_and_the_standby_takes_over(
     actors = {e["reportingInstance"] for e in remediation_events(cluster, s)
               if e["reason"] == "ClaimRemediated"}
     assert actors == {leader.name}
-    assert "Deleted claim" in leader.log() and "Deleted claim" not in standby.log()
+    assert [c.metric("localpv_agent_remediations_total", result="claim_deleted")
+            for c in (leader, standby)] == [1, 0]
 
     lease = f"/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases/{ACCOUNT}"
     killed_at = time.monotonic()
@@ -506,8 +507,7 @@ def test_node_back_with_the_same_disk_gets_exactly_one_pv(
             wait_for(lambda: [p for p in pvs_of(cluster, lost)
                               if p.get("status", {}).get("phase") == "Available"], 60,
                      f"{lost}'s disk offered again", on_timeout=agents[lost].log)
-            passes = agent_passes(agents[lost])
-            wait_for(lambda: agent_passes(agents[lost]) >= passes + 2, 30, "two more passes")
+            agents[lost].wait_passes(2)
             assert [p["metadata"]["name"] for p in pvs_of(cluster, lost)] == [
                 pv_name("vol", lost, s.cls)]
             assert not data.exists()  # cleaned by its own agent before it was offered
@@ -523,9 +523,3 @@ def agent_ready(agent: Agent) -> None:
              f"agent {agent.node} listening", on_timeout=agent.log)
     agent.wait_ready(60)
 
-
-def agent_passes(agent: Agent) -> float:
-    status, text = agent.get("/metrics")
-    found = re.search(r"^localpv_agent_discovery_pass_duration_seconds_count ([0-9.e+]+)$",
-                      text, re.M)
-    return float(found.group(1)) if status == 200 and found else 0.0
