@@ -556,8 +556,9 @@ def test_twin_agents_clean_a_dirty_volume_once_and_never_the_next_tenant(node: N
                            *state).start())
     try:
         back = wait_for(lambda: (p := node.pv("twin")) is not None
-                        and p["metadata"]["uid"] != pv["metadata"]["uid"] and p, 60,
-                        "the volume offered again", on_timeout=twins[0].log)
+                        and p["metadata"]["uid"] != pv["metadata"]["uid"] and p, 120,
+                        "the volume offered again",
+                        on_timeout=lambda: "\n".join(t.log() for t in twins))
         bind(node, back, "twin-next")
         (mount / "next-tenant").write_text("new")
         for t in twins:
