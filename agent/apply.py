@@ -1,7 +1,8 @@
-"""The pass's PV writes: create, adopt, withdraw, each exactly as the plan decided.
+"""The pass's PV writes: create, adopt, resize, withdraw, each exactly as the plan decided.
 
 Every write names the object it was decided on (a create fails on a name that exists; a label
-patch carries the UID; a delete carries UID and resourceVersion preconditions), so a PV that
+patch carries the UID; a capacity patch and a delete carry UID and resourceVersion
+preconditions), so a PV that
 changed since the pass looked is never overwritten or deleted: the write fails, the PV is read
 again, and the next pass decides anew.
 """
@@ -17,7 +18,7 @@ from agent import pv as pvs
 from agent.context import Context
 from agent.kube import ApiError
 from agent.notices import Notice, Once, Reason, Scope
-from agent.plan import Plan, Withdrawal, upstream_adoptions
+from agent.plan import Plan, Resize, Withdrawal, upstream_adoptions
 from agent.volumes import MANAGED_BY_LABEL
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ class Applied:
     created_by_mode: dict[str, int] = field(default_factory=dict)
     adopted: int = 0
     withdrawn: int = 0
+    resized: int = 0
     errors: int = 0  # failed writes (a precondition that failed is not an error)
 
 class PVWriter:
@@ -45,6 +47,8 @@ class PVWriter:
                 log.warning("adopting PV %s: %s", adoption.name, exc)
         for manifest in the_plan.create:
             self._create(manifest, done)
+        for resize in the_plan.resize:
+            self._resize(resize, done)
         for withdrawal in the_plan.withdraw:
             self._withdraw(withdrawal, done)
         return done
@@ -82,8 +86,31 @@ class PVWriter:
                                     f"created for {path} on node {self.ctx.node.name} "
                                     f"({capacity})", uid=pvs.uid(created)))
 
+    def _resize(self, resize: Resize, done: Applied) -> None:
+        """Give an Available PV its disk's new size, only if nobody touched it since we looked
+        (a claim bound meanwhile was matched against the old size: that PV is left)."""
+        try:
+            updated = self.ctx.kube.patch_pv_capacity(resize.name, resize.uid,
+                                                      resize.resource_version, resize.capacity)
+        except ApiError as exc:
+            if exc.conflict or exc.not_found:
+                log.info("not resizing PV %s: it changed meanwhile", resize.name)
+                self.ctx.pvs.refresh(resize.name)
+                return
+            done.errors += 1
+            log.warning("resizing PV %s: %s", resize.name, exc)
+            return
+        self.ctx.pvs.cache.put(updated)
+        done.resized += 1
+        log.info("PV %s for %s: capacity %s -> %s", resize.name, resize.path, resize.old,
+                 resize.capacity)
+        self.ctx.events.post(Notice("PersistentVolume", resize.name, Reason.CAPACITY_UPDATED,
+                                    f"capacity {resize.old} -> {resize.capacity}: the disk at "
+                                    f"{resize.path} changed size", uid=resize.uid))
+
     def _withdraw(self, withdrawal: Withdrawal, done: Applied) -> None:
-        """Delete an unbound PV whose disk is gone, only if nobody touched it since we looked."""
+        """Delete an unbound PV whose disk is gone (or whose class was removed), only if nobody
+        touched it since we looked."""
         try:
             self.ctx.kube.delete_pv(withdrawal.name, withdrawal.uid, withdrawal.resource_version)
         except ApiError as exc:
@@ -96,11 +123,12 @@ class PVWriter:
             return
         done.withdrawn += 1
         self.ctx.pvs.deleted(withdrawal.name, withdrawal.uid)
-        log.warning("withdrew PV %s: the disk behind %s is gone and the PV was unbound",
-                    withdrawal.name, withdrawal.path)
+        why = withdrawal.why or f"the disk behind {withdrawal.path} is gone"
+        log.warning("withdrew PV %s (%s): %s and the PV was unbound", withdrawal.name,
+                    withdrawal.path, why)
         self.ctx.events.post(Notice("Node", self.ctx.node.name, Reason.VOLUME_WITHDRAWN,
-                                    f"PV {withdrawal.name} deleted: the disk behind "
-                                    f"{withdrawal.path} is gone and nothing had claimed it"))
+                                    f"PV {withdrawal.name} ({withdrawal.path}) deleted: {why} "
+                                    "and nothing had claimed it"))
 
     def _resolve_conflict(self, name: str, path: str) -> None:
         """The name exists already: adopt it when it is this node's PV for the same path."""

@@ -13,7 +13,7 @@ from typing import Any
 from agent.context import Context
 from agent.discovery import Discovery
 from agent.notices import Notice, Once, Reason, Scope
-from agent.volumes import ClassPolicy, pv_manifest
+from agent.volumes import ClassPolicy, policy_of, pv_manifest
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,7 @@ class StorageClasses:
                     f"{cls.host_dir} are not offered until it does", missing)])
                 continue
             self.ctx.events.forget(missing)
-            policies[cls.name] = ClassPolicy(
-                reclaim_policy=sc.get("reclaimPolicy") or "Delete",
-                mount_options=tuple(sc.get("mountOptions") or ()),
-            )
+            policies[cls.name] = policy_of(sc)
         changed = policies != self._policies
         self._policies = policies
         if changed:

@@ -4,9 +4,10 @@ The filesystem cleaner walks the volume through directory file descriptors, neve
 never follows a symlink, never crosses into another filesystem or a nested mount, checks every
 directory it enters and returns to is the one it saw, and holds one descriptor at a time so a
 10,000-level tree is no problem. Anything it could not remove fails the clean: a volume is
-offered again only when it is empty. The block cleaner runs the configured command with idle
-I/O priority and a timeout. Which volumes are dirty is kept on the host (the state dir), so a
-PV deleted by hand, or an agent killed mid-clean, never makes an uncleaned volume available.
+offered again only when it is empty. The block cleaner, and a class's own filesystem cleaner
+(`fsCleanerCommand`), run the configured command with idle I/O priority and a timeout. Which
+volumes are dirty is kept on the host (the state dir), so a PV deleted by hand, or an agent
+killed mid-clean, never makes an uncleaned volume available.
 """
 
 from __future__ import annotations
@@ -289,12 +290,28 @@ def run_filesystem_cleaner(root_fd: int, root: str, device: int, skip: Sequence[
     return str(result.get("detail", ""))
 
 
+def run_fs_cleaner_command(command: Sequence[str], root_fd: int, root: str, timeout: float,
+                           label: str, stop: Callable[[], str] | None = None) -> None:
+    """Run a class's `fsCleanerCommand` with LOCAL_PV_FS_PATH set to the volume's directory
+    in the agent's container, as block cleaners get LOCAL_PV_BLKDEVICE (see `_run_child`).
+
+    It starts in the directory open as `root_fd`, the one whose identity was just checked,
+    so a command working on `.` cannot be sent elsewhere by a disk swapped meanwhile.
+    """
+    log.info("clean %s: running %s on %s", label, " ".join(command), root)
+    code, _ = _run_child(list(command), {**os.environ, FS_PATH_ENV: root}, timeout, label,
+                         stop, pass_fds=(root_fd,), cwd=f"/proc/self/fd/{root_fd}")
+    if code != 0:
+        raise CleanError(f"{command[0]} exited with status {code}")
+
+
+FS_PATH_ENV = "LOCAL_PV_FS_PATH"
 RESULT = "localpv-agent-clean-result: "
 
 
 def _run_child(argv: list[str], env: dict[str, str], timeout: float, label: str,
-               stop: Callable[[], str] | None, pass_fds: Sequence[int] = ()
-               ) -> tuple[int, list[str]]:
+               stop: Callable[[], str] | None, pass_fds: Sequence[int] = (),
+               cwd: str | None = None) -> tuple[int, list[str]]:
     """Run a cleaner process at idle I/O priority, dying with the agent, its output streamed
     to the log. `stop` returns why to end it early ("" to go on): its whole process group is
     killed, as on timeout, and never waited for without a bound."""
@@ -305,7 +322,7 @@ def _run_child(argv: list[str], env: dict[str, str], timeout: float, label: str,
     try:
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                 stderr=subprocess.STDOUT, start_new_session=True,
-                                pass_fds=tuple(pass_fds))
+                                pass_fds=tuple(pass_fds), cwd=cwd)
     except OSError as exc:
         raise CleanError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
     assert proc.stdout is not None
@@ -457,6 +474,7 @@ class CleanJob:
     nested_mounts: tuple[str, ...] = ()
     capacity_bytes: int = 0
     via_job: bool = False  # cleaned by a Kubernetes Job (useJobForCleaning)
+    fs_command: tuple[str, ...] = ()  # the class's fsCleanerCommand; empty: the built-in one
 
 
 @dataclass(frozen=True)
@@ -503,6 +521,7 @@ class _Running:
     job: CleanJob
     lock: VolumeLock
     cancelled: str = ""  # why the clean must end, once it must
+    ok: bool | None = None  # how it ended, once it has
 
 
 class Cleaner:
@@ -612,9 +631,19 @@ class Cleaner:
             outcome = self._clean(job)
             self._finish(outcome)
 
+    def table(self) -> tuple[int, int, int]:
+        """Cleans running, succeeded and failed, the last two until released (the upstream's
+        process table counts the same way, for its `proctable_*` metrics)."""
+        with self._lock:
+            ends = [r.ok for r in self._running.values()]
+        return ends.count(None), ends.count(True), ends.count(False)
+
     def _finish(self, outcome: CleanOutcome) -> None:
         with self._lock:
             self._done.append(outcome)
+            entry = self._running.get(outcome.job.key)
+            if entry is not None and not outcome.busy:
+                entry.ok = outcome.ok
         if self.on_done is not None:
             try:
                 self.on_done()
@@ -692,11 +721,24 @@ class Cleaner:
             with open(self.mountinfo, encoding="utf-8", errors="surrogateescape") as f:
                 nested = [m.mount_point for m in parse_mountinfo(f.read())
                           if m.mount_point.startswith(real.rstrip("/") + "/")]
+            if job.fs_command:
+                return self._run_fs_command(job, root_fd, real, st, label, stop)
             return run_filesystem_cleaner(root_fd, real, st.st_dev,
                                           [*job.nested_mounts, *nested], self.timeout, label,
                                           stop)
         finally:
             os.close(root_fd)
+
+    def _run_fs_command(self, job: CleanJob, root_fd: int, real: str, st: os.stat_result,
+                        label: str, stop: Callable[[], str]) -> str:
+        """The class's own filesystem cleaner; afterwards the mount point must still hold
+        the same filesystem (a command that unmounted it fails the clean)."""
+        run_fs_cleaner_command(job.fs_command, root_fd, real, self.timeout, label, stop)
+        after = os.stat(real, follow_symlinks=False)
+        if (after.st_dev, after.st_ino) != (st.st_dev, st.st_ino):
+            raise CleanError(f"{job.fs_command[0]} left {real} no longer the mount of device "
+                             f"{job.device}")
+        return f"{job.fs_command[0]} succeeded"
 
 
 def verify_block_device(path: str, device: str) -> None:

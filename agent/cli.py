@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -28,6 +29,7 @@ from agent.volumes import (
     ClassPolicy,
     NodeInfo,
     format_quantity,
+    policy_of,
     pv_manifest,
     round_capacity,
 )
@@ -108,7 +110,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
     def on_clean(outcome: CleanOutcome) -> None:
         job = outcome.job
-        command = job.command[0] if job.raw_device else "filesystem"
+        # The upstream's label: the class's blockCleanerCommand[0], for filesystem cleans too.
+        command = job.command[0] if job.command else ""
         metrics.observe_clean(job.class_name, job.mode, outcome.ok, outcome.seconds,
                               capacity_breakdown(job.capacity_bytes), command,
                               "job" if job.via_job else "process")
@@ -158,7 +161,9 @@ def _settings(args: argparse.Namespace, resync: float | None) -> RunSettings:
     return RunSettings(
         node_name=args.node_name, resync_period=resync or 300.0,
         poll_period=args.discovery_period if poll else None,
-        withdraw_missing=args.withdraw_missing, clean_stale_after=args.clean_stale_after,
+        withdraw_missing=args.withdraw_missing,
+        withdraw_removed_classes=args.withdraw_removed_classes,
+        clean_stale_after=args.clean_stale_after,
         clean_retry_base=args.clean_retry_base, config_path=args.config,
         job_image=args.job_image, namespace=args.namespace)
 
@@ -242,15 +247,20 @@ def _start_sources(reconciler: Reconciler, args: argparse.Namespace) -> None:
 
 
 def scan(args: argparse.Namespace, config: Config, out: TextIO | None = None) -> int:
-    """Print the PVs this node would get; explain every entry that would not get one."""
+    """Print the PVs this node would get; explain every entry that would not get one.
+
+    What `run` reads from the API (the Node's UID and labels, each class's StorageClass) comes
+    from it with `--kubeconfig`, else from flags, so the PVs printed are the ones run creates.
+    """
     out = out or sys.stdout
-    node = NodeInfo(
-        name=args.node_name,
-        uid=args.node_uid or "",
-        hostname=args.hostname_label or args.node_name,
-    )
+    try:
+        node, policies = _scan_inputs(args, config)
+    except ScanInputError as bad:
+        print(f"localpv-agent: {bad}", file=sys.stderr)
+        return bad.code
     if config.set_pv_owner_ref and not node.uid:
-        print("localpv-agent: setPVOwnerRef is on: pass --node-uid to scan", file=sys.stderr)
+        print("localpv-agent: setPVOwnerRef is on: pass --node-uid (or --kubeconfig) to scan",
+              file=sys.stderr)
         return EXIT_CONFIG
     reader = _host_reader(args)
     try:
@@ -259,8 +269,12 @@ def scan(args: argparse.Namespace, config: Config, out: TextIO | None = None) ->
         print(f"localpv-agent: cannot read the host: {unreadable}", file=sys.stderr)
         return EXIT_UNREADABLE_DIR
     found = discover(config, snapshot)
-    policy = ClassPolicy(reclaim_policy=args.reclaim_policy)
-    manifests = [pv_manifest(v, node, config, policy) for v in found.volumes]
+    for name in sorted(c.name for c in config.classes if policies.get(c.name) is None):
+        print(f"localpv-agent: class {name}: StorageClass {name} does not exist; run offers "
+              "none of its volumes until it does", file=sys.stderr)
+    offered = {name: policy for name, policy in policies.items() if policy is not None}
+    found = replace(found, volumes=tuple(v for v in found.volumes if v.class_name in offered))
+    manifests = [pv_manifest(v, node, config, offered[v.class_name]) for v in found.volumes]
 
     if args.output == "yaml":
         yaml.safe_dump_all(manifests, out, sort_keys=False, explicit_start=True)
@@ -277,6 +291,82 @@ def scan(args: argparse.Namespace, config: Config, out: TextIO | None = None) ->
     for cls_name, error in sorted(snapshot.dir_errors.items()):
         print(f"localpv-agent: class {cls_name}: {error}", file=sys.stderr)
     return EXIT_UNREADABLE_DIR if snapshot.dir_errors else EXIT_OK
+
+
+class ScanInputError(Exception):
+    """A scan flag or the API cannot give what run would read; `code` is the exit status."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _scan_inputs(args: argparse.Namespace,
+                 config: Config) -> tuple[NodeInfo, dict[str, ClassPolicy | None]]:
+    """The Node and each class's policy (None: its StorageClass is missing), as `run` reads
+    them: from the API with `--kubeconfig`; flags given override it."""
+    labels = _pairs(args.node_label, "--node-label", "KEY=VALUE")
+    reclaim: dict[str, str] = {}
+    for value in args.reclaim_policy or ():
+        cls_name, _, policy = value.rpartition("=")
+        if policy not in RECLAIM_POLICIES or (cls_name and config.storage_class(cls_name) is None):
+            raise ScanInputError(f"--reclaim-policy {value!r}: expected [CLASS=]POLICY, a "
+                                 f"configured class and one of {', '.join(RECLAIM_POLICIES)}",
+                                 EXIT_CONFIG)
+        reclaim[cls_name] = policy
+    options: dict[str, list[str]] = {}
+    for cls_name, option in _pair_list(args.mount_option, "--mount-option", "CLASS=OPTION"):
+        if config.storage_class(cls_name) is None:
+            raise ScanInputError(f"--mount-option {cls_name}={option}: no class {cls_name} in "
+                                 "the config", EXIT_CONFIG)
+        options.setdefault(cls_name, []).append(option)
+    node = NodeInfo(name=args.node_name)
+    policies: dict[str, ClassPolicy | None] = {c.name: ClassPolicy() for c in config.classes}
+    if args.kubeconfig:
+        node, policies = _read_from_api(args, config)
+    node = NodeInfo(name=node.name, uid=args.node_uid or node.uid,
+                    hostname=args.hostname_label or node.hostname,
+                    labels={**node.labels, **labels})
+    for cls_name, policy in policies.items():
+        if policy is not None:
+            policies[cls_name] = ClassPolicy(
+                reclaim_policy=reclaim.get(cls_name) or reclaim.get("")
+                or policy.reclaim_policy,
+                mount_options=tuple(options.get(cls_name, policy.mount_options)))
+    return node, policies
+
+
+def _read_from_api(args: argparse.Namespace,
+                   config: Config) -> tuple[NodeInfo, dict[str, ClassPolicy | None]]:
+    """The Node and StorageClasses as run reads them (imported here: scan stays light)."""
+    from agent.kube import ApiError, Kube  # noqa: PLC0415
+
+    try:
+        kube = Kube(args.kubeconfig)
+    except Exception as exc:  # the client raises several unrelated types for a bad kubeconfig
+        raise ScanInputError(f"cannot configure the API client: {exc}", EXIT_CONFIG) from None
+    try:
+        node = kube.get_node(args.node_name)
+        policies = {c.name: policy_of(sc) if (sc := kube.get_storage_class(c.name)) else None
+                    for c in config.classes}
+    except ApiError as exc:
+        raise ScanInputError(f"cannot read the Node or StorageClasses from the API: {exc}",
+                             EXIT_UNREADABLE_DIR) from None
+    return node, policies
+
+
+def _pair_list(values: Sequence[str] | None, flag: str, form: str) -> list[tuple[str, str]]:
+    pairs = []
+    for value in values or ():
+        key, sep, rest = value.partition("=")
+        if not sep or not key:
+            raise ScanInputError(f"{flag} {value!r}: expected {form}", EXIT_CONFIG)
+        pairs.append((key, rest))
+    return pairs
+
+
+def _pairs(values: Sequence[str] | None, flag: str, form: str) -> dict[str, str]:
+    return dict(_pair_list(values, flag, form))
 
 
 def sample_state(reconciler: Reconciler, kube: Kube) -> AgentSample:
@@ -308,7 +398,9 @@ def sample_state(reconciler: Reconciler, kube: Kube) -> AgentSample:
         volumes=volumes, offered=offered, excluded=excluded, wakeups=status.wakeups,
         source_failures=status.source_failures, sources_active=status.sources_active,
         api_requests=kube.request_counts(), config_reloads=status.config_reloads,
-        held=status.held, ready=status.first_sync_done and kube.reachable)
+        held=status.held, ready=status.first_sync_done and kube.reachable,
+        proctable=reconciler.cleaner.table() if reconciler.cleaner is not None else (0, 0, 0),
+        capacity_differs=len(last.plan.capacity_differs) if last is not None else 0)
 
 
 def render_table(found: Discovery, manifests: Sequence[dict[str, Any]]) -> str:
@@ -389,10 +481,21 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     scan_p = sub.add_parser("scan", parents=[common],
                             help="print the PVs this node would get, without a cluster")
+    scan_p.add_argument("--kubeconfig", default=None,
+                        help="read the Node (UID, labels) and each class's StorageClass "
+                             "(reclaimPolicy, mountOptions) from the API, as run does; the "
+                             "flags below override what it says")
     scan_p.add_argument("--hostname-label", default=None,
                         help="the Node's kubernetes.io/hostname label (default: the node name)")
     scan_p.add_argument("--node-uid", default=None, help="the Node's UID, for annotations")
-    scan_p.add_argument("--reclaim-policy", choices=RECLAIM_POLICIES, default="Delete")
+    scan_p.add_argument("--node-label", action="append", metavar="KEY=VALUE",
+                        help="a label of the Node, for nodeLabelsForPV (repeatable)")
+    scan_p.add_argument("--mount-option", action="append", metavar="CLASS=OPTION",
+                        help="a mountOptions entry of a class's StorageClass (repeatable)")
+    scan_p.add_argument("--reclaim-policy", action="append", metavar="[CLASS=]POLICY",
+                        help="the reclaimPolicy of every class's StorageClass, or of one "
+                             f"(repeatable; {', '.join(RECLAIM_POLICIES)}; default: Delete, "
+                             "or what the API says)")
     scan_p.add_argument("-o", "--output", choices=("yaml", "json", "table"), default="yaml")
 
     run_p = sub.add_parser("run", parents=[common], help="keep this node's PVs up to date")
@@ -412,6 +515,10 @@ def _parser() -> argparse.ArgumentParser:
     run_p.add_argument("--withdraw-missing", action=argparse.BooleanOptionalAction,
                        default=True,
                        help="delete an unbound PV whose disk is gone (default: on)")
+    run_p.add_argument("--withdraw-removed-classes", action=argparse.BooleanOptionalAction,
+                       default=False,
+                       help="delete this node's Available PVs whose class is no longer in the "
+                            "config; claimed ones are left, with an Event (default: off)")
     run_p.add_argument("--udev-buffer-size", type=int, default=None, help=argparse.SUPPRESS)
     run_p.add_argument("--state-dir", default="/var/lib/localpv-agent",
                        help="host dir remembering volumes not cleaned yet (default: %(default)s)")

@@ -49,9 +49,11 @@ CLASS_KEYS = (
     "fsType",
     "namePattern",
     "selector",
-    # The agent's own key (a system directory as hostDir/mountDir). The upstream decodes its
-    # config non-strictly and ignores keys it does not know, so a shared ConfigMap still works.
+    # The agent's own keys (a system directory as hostDir/mountDir; a filesystem cleaner
+    # command). The upstream decodes its config non-strictly and ignores keys it does not
+    # know, so a shared ConfigMap still works.
     "allowSystemDir",
+    "fsCleanerCommand",
 )
 TOP_KEYS = (
     "storageClassMap",
@@ -131,6 +133,7 @@ class ClassConfig:
     block_cleaner_command: tuple[str, ...] = DEFAULT_BLOCK_CLEANER
     selector: tuple[Mapping[str, Any], ...] = ()
     allow_system_dir: bool = False
+    fs_cleaner_command: tuple[str, ...] = ()  # empty: the built-in filesystem cleaner
 
     def matches(self, entry_name: str) -> bool:
         """Whether an entry of `mount_dir` belongs to this class (`namePattern` globs)."""
@@ -328,6 +331,8 @@ def _parse_class(name: str, body: Any) -> tuple[ClassConfig, list[str]]:
         _expect(len(cleaner) > 0, f"{where}.blockCleanerCommand", cleaner,
                 "an explicitly empty cleaner command would leave old data on reused disks")
         cleaner_cmd = tuple(cleaner)
+    fs_cleaner, fs_warnings = _fs_cleaner(body.get("fsCleanerCommand"), where, volume_mode)
+    warnings += fs_warnings
 
     selector = body.get("selector") or []
     _expect(isinstance(selector, list), f"{where}.selector", _short(selector),
@@ -346,8 +351,29 @@ def _parse_class(name: str, body: Any) -> tuple[ClassConfig, list[str]]:
         block_cleaner_command=cleaner_cmd,
         selector=tuple(selector),
         allow_system_dir=allow_system,
+        fs_cleaner_command=fs_cleaner,
     )
     return normalized, warnings
+
+
+def _fs_cleaner(value: object, where: str, volume_mode: str) -> tuple[tuple[str, ...], list[str]]:
+    """`fsCleanerCommand`: what empties a released filesystem volume instead of the built-in
+    cleaner, given as `blockCleanerCommand` is (a list, the executable first)."""
+    key = f"{where}.fsCleanerCommand"
+    if value is None:
+        return (), []
+    _expect(isinstance(value, list) and all(isinstance(a, str) for a in value), key,
+            _short(value), "must be a list of strings, the executable first")
+    assert isinstance(value, list)
+    _expect(len(value) > 0, key, value,
+            "an empty command cleans nothing; leave the key out for the built-in cleaner")
+    _expect(bool(value[0].strip()), key, value, "the first element must name the executable")
+    _expect(all("\0" not in a for a in value), key, _short(value), "holds a NUL character")
+    warnings = []
+    if volume_mode == "Block":
+        warnings.append(f"{key}: unused in a Block class (its volumes are cleaned by "
+                        "blockCleanerCommand)")
+    return tuple(value), warnings
 
 
 def _cap_warnings(warnings: list[str]) -> list[str]:

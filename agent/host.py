@@ -206,8 +206,15 @@ class HostReader:
         try:
             doing("statvfs")
             capacity = self.capacity_of(real)
+            # Unmounted between the mount table's read and statvfs, the size measured is the
+            # parent filesystem's: the mount point must still hold the mounted device.
+            doing("stat of the mount point")
+            now = os.stat(real).st_dev
         except OSError as exc:
             return _unreadable(name, path, exc, target)
+        if f"{os.major(now)}:{os.minor(now)}" != mount.device:
+            return EntryFacts(name, path, FileType.UNREADABLE, target=target,
+                              error="the mount changed while it was read")
         doing("stat of the mount source")
         device = _block_devno(mount.source) or mount.device  # btrfs: 0:N in mountinfo
         node = self.device_node(device)

@@ -262,6 +262,41 @@ class Kube:
         if self._observe is not None:
             self._observe(verb, outcome, seconds)
 
+    # -- writes of the opt-in behaviours (startup taint, capacity) -------------------------------
+
+    def patch_pv_capacity(self, name: str, uid: str, resource_version: str,
+                          storage: str) -> PV:
+        """Set a PV's capacity, only on the object (UID) and version that was decided on."""
+        body = {"metadata": {"uid": uid, "resourceVersion": resource_version},
+                "spec": {"capacity": {"storage": storage}}}
+        return self._call("patch", lambda: self._core.patch_persistent_volume(
+            name, body, _preload_content=False, _request_timeout=self._timeout))
+
+    def remove_node_taint(self, name: str, key: str, attempts: int = 5) -> bool:
+        """Remove the taints with `key` from a Node; True when there was one. A JSON patch that
+        first tests the taint list is still the one read, so a taint someone else added or
+        changed meanwhile is never dropped: the test fails and the patch is retried on a fresh
+        read."""
+        for _ in range(attempts):
+            node = self._call("get", lambda: self._core.read_node(
+                name, _preload_content=False, _request_timeout=self._timeout))
+            taints = (node.get("spec") or {}).get("taints") or []
+            keep = [t for t in taints if t.get("key") != key]
+            if len(keep) == len(taints):
+                return False
+            patch: Any = [{"op": "test", "path": "/spec/taints", "value": taints},
+                          {"op": "replace", "path": "/spec/taints", "value": keep}]
+            try:
+                self._call("patch", lambda p=patch: self._core.patch_node(  # type: ignore[misc]
+                    name, p, _content_type="application/json-patch+json",
+                    _preload_content=False, _request_timeout=self._timeout))
+                return True
+            except ApiError as exc:
+                if exc.status not in (409, 422):  # 422: the test op failed (taints changed)
+                    raise
+                log.info("node %s: taints changed meanwhile; reading them again", name)
+        raise ApiError("patch", 409, f"node {name}: its taints kept changing")
+
 
 RequestObserver = Callable[[str, str, float], None]
 

@@ -19,8 +19,9 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from agent import pv as pvs
 from agent.apply import PVWriter
@@ -34,7 +35,7 @@ from agent.events import EventRecorder
 from agent.host import HostReader
 from agent.kube import PV, ApiError, Kube
 from agent.notices import Notice, Scope
-from agent.plan import Plan, Recycling, exclusion_notices, plan
+from agent.plan import Plan, Recycling, exclusion_notices, offered_all, plan
 from agent.pvcache import PVCache, PVStore, PVWatcher
 from agent.recycler import Recycler
 from agent.reload import ConfigReloader
@@ -45,7 +46,8 @@ from agent.volumes import NodeInfo
 
 log = logging.getLogger(__name__)
 
-CONDITIONS = frozenset({Scope.MISSING, Scope.CHANGED})  # reported again after they clear
+# reported again after they clear
+CONDITIONS = frozenset({Scope.MISSING, Scope.CHANGED, Scope.CAPACITY, Scope.CLASS_REMOVED})
 EVENTS_DRAIN = 1.0  # seconds queued Events get to be posted when the loop stops
 WAIT_TICK = 2.0  # seconds between heartbeats (and config checks) while waiting
 
@@ -60,6 +62,7 @@ class PassResult:
     cleaning: frozenset[str] = frozenset()  # PV names being cleaned or waiting to retry
     errors: int = 0
     woken_at: float | None = None  # when the wake-up this pass answers arrived
+    resized: int = 0
 
 
 @dataclass
@@ -136,6 +139,7 @@ class Reconciler:
                                        lambda: self.ctx.node.name)
         self.state = LoopState()
         self.watcher: PVWatcher | None = None
+        self.taint_checked = False  # the startup taint is gone (or was never there)
 
     @property
     def settings(self) -> RunSettings:
@@ -279,14 +283,19 @@ class Reconciler:
         errors = self.recycler.guard.record_identities(ours, states, volumes)
         recycling = self.recycler.decide(ours, states, volumes)
         desired = self.classes.desired(found, recycling.hold)
-        the_plan = plan(desired, cached, self.node, states, self.settings.withdraw_missing)
+        configured = (frozenset(c.name for c in self.config.classes)
+                      if self.settings.withdraw_removed_classes else None)
+        the_plan = plan(desired, cached, self.node, states, self.settings.withdraw_missing,
+                        classes=configured)
         # never let queued or running work touch a disk that is not the PV's any more
         self.recycler.cancel((pvs.local_path(cached[n]) or "" for n in the_plan.changed_disk),
                              "a different disk is there")
         done = self.writer.apply(the_plan)
         errors += done.errors + self.recycler.start(recycling.clean, found, snapshot)
+        if not errors:
+            errors += self._clear_startup_taint(desired)
         result = PassResult(found, the_plan, done.created_by_mode, done.adopted, done.withdrawn,
-                            recycling.cleaning, errors, woken_at)
+                            recycling.cleaning, errors, woken_at, done.resized)
         self._report(the_plan, recycling, found)
         self.state.first_sync_done = True
         self.state.last_pass = result
@@ -294,6 +303,32 @@ class Reconciler:
         if self.hooks.on_pass is not None:
             self.hooks.on_pass(result, time.monotonic() - started)
         return result
+
+    def _clear_startup_taint(self, desired: Sequence[Mapping[str, Any]]) -> int:
+        """`removeNodeNotReadyTaint`: once every volume this pass could offer has its PV (not
+        before), remove the startup taint from this Node, so pods that need local volumes are
+        scheduled here only when they are offered. Once per run; 1 when the API failed (the
+        pass backs off and the next one tries again)."""
+        config = self.config
+        if self.taint_checked or not config.remove_node_not_ready_taint:
+            return 0
+        if not offered_all(desired, self.cache.snapshot(), self.node):
+            return 0
+        key = config.provisioner_not_ready_node_taint_key
+        self.taint_checked = True
+        if not key:
+            log.warning("removeNodeNotReadyTaint is set without provisionerNotReadyNodeTaintKey: "
+                        "no taint to remove")
+            return 0
+        try:
+            removed = self.ctx.kube.remove_node_taint(self.node.name, key)
+        except ApiError as exc:
+            self.taint_checked = False
+            log.warning("removing taint %s from node %s: %s", key, self.node.name, exc)
+            return 1
+        log.info("node %s: every volume has its PV; taint %s %s", self.node.name, key,
+                 "removed" if removed else "was not there")
+        return 0
 
     def _observe(self, ours: Mapping[str, PV]) -> tuple[
             HostSnapshot, Discovery, dict[str, tuple[VolumeState, Mapping[str, str]]]]:

@@ -1,8 +1,13 @@
 """Prometheus metrics and the HTTP endpoints (`/metrics`, `/healthz`, `/ready`).
 
 Metric names follow the upstream provisioner (prefix `local_volume_provisioner_`) so existing
-dashboards and alerts keep working. Collectors live in an injected registry, never the global
-one, so several agents can run in one process (tests) without clashing.
+dashboards and alerts keep working, and the series of those names are the upstream's exactly:
+the same types, labels and histogram buckets (the Go client's defaults, written as Go writes
+them, `le="1"`), no `_created` series. prometheus_client's own Counter and Histogram would
+write `le="1.0"` and add `_created`, so those names are kept by `UpstreamSeries` and exposed as
+fresh families at each scrape; the agent's own metrics (prefix `localpv_agent_`) use the client's
+classes, with finer buckets where they help. Collectors live in an injected registry, never the
+global one, so several agents can run in one process (tests) without clashing.
 """
 
 from __future__ import annotations
@@ -28,13 +33,89 @@ from wsgiref.simple_server import WSGIRequestHandler
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
 PREFIX = "local_volume_provisioner"  # upstream-compatible names
 OWN = "localpv_agent"  # this agent's own metrics
+# The Go client's prometheus.DefBuckets, which every upstream histogram uses.
+GO_DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+VOLUME_MODES = ("Filesystem", "Block")
+API_REQUESTS = f"{PREFIX}_apiserver_requests_total"
+API_FAILURES = f"{PREFIX}_apiserver_requests_failed_total"
+API_DURATION = f"{PREFIX}_apiserver_requests_duration_seconds"
+DISCOVERED = f"{PREFIX}_persistentvolume_discovery_total"
+DISCOVERY_DURATION = f"{PREFIX}_persistentvolume_discovery_duration_seconds"
+DELETED = f"{PREFIX}_persistentvolume_delete_total"
+DELETE_FAILED = f"{PREFIX}_persistentvolume_delete_failed_total"
+DELETE_DURATION = f"{PREFIX}_persistentvolume_delete_duration_seconds"
+
+
+def go_float(value: float) -> str:
+    """A float as the Go client writes it in a label: shortest form, no `.0` (`1`, `0.005`)."""
+    if value == float("inf"):
+        return "+Inf"
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
+
+class UpstreamSeries(Collector):
+    """The counters and histograms of the upstream's names, exposed as the upstream does."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._docs: dict[str, tuple[str, str, tuple[str, ...]]] = {}  # name -> kind, doc, labels
+        self._counters: dict[str, dict[tuple[str, ...], float]] = {}
+        # name -> labels -> (per-bucket counts, sum, count); the +Inf bucket is the count
+        self._histograms: dict[str, dict[tuple[str, ...], tuple[list[int], float, int]]] = {}
+
+    def counter(self, name: str, documentation: str, labels: Sequence[str]) -> None:
+        self._docs[name] = ("counter", documentation, tuple(labels))
+        self._counters[name] = {}
+
+    def histogram(self, name: str, documentation: str, labels: Sequence[str]) -> None:
+        self._docs[name] = ("histogram", documentation, tuple(labels))
+        self._histograms[name] = {}
+
+    def inc(self, name: str, *labels: str) -> None:
+        with self._lock:
+            series = self._counters[name]
+            series[labels] = series.get(labels, 0.0) + 1.0
+
+    def observe(self, name: str, value: float, *labels: str) -> None:
+        with self._lock:
+            series = self._histograms[name]
+            counts, total, count = series.get(labels) or ([0] * len(GO_DEFAULT_BUCKETS), 0.0, 0)
+            for i, bound in enumerate(GO_DEFAULT_BUCKETS):
+                if value <= bound:
+                    counts[i] += 1
+            series[labels] = (counts, total + value, count + 1)
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            counters = {n: dict(v) for n, v in self._counters.items()}
+            histograms = {n: {k: (list(c), t, n_) for k, (c, t, n_) in v.items()}
+                          for n, v in self._histograms.items()}
+        for name, (kind, doc, labels) in self._docs.items():
+            if kind == "counter":
+                counter = CounterMetricFamily(name, doc, labels=list(labels))
+                for key, value in sorted(counters[name].items()):
+                    counter.add_metric(list(key), value)
+                yield counter
+                continue
+            histogram = HistogramMetricFamily(name, doc, labels=list(labels))
+            for key, (counts, total, count) in sorted(histograms[name].items()):
+                buckets = [(go_float(b), float(c))
+                           for b, c in zip(GO_DEFAULT_BUCKETS, counts, strict=True)]
+                histogram.add_metric(list(key), [*buckets, ("+Inf", float(count))], total)
+            yield histogram
 
 
 @dataclass(frozen=True)
@@ -63,6 +144,10 @@ class AgentSample:
     config_reloads: Mapping[str, int] = field(default_factory=dict)  # result -> count
     held: Mapping[str, int] = field(default_factory=dict)  # why -> dirty volumes held back
     ready: bool = False
+    # In-process cleans as the upstream's process table counts them: running, and finished
+    # (succeeded, failed) but not yet acted on by the loop.
+    proctable: tuple[int, int, int] = (0, 0, 0)
+    capacity_differs: int = 0  # claimed PVs whose capacity is not their disk's size
 
 
 class StateCollector(Collector):
@@ -85,7 +170,7 @@ class StateCollector(Collector):
                       {(v.name, v.class_name, v.path, v.identity.get("fs-uuid", ""),
                         v.identity.get("wwn", ""), v.identity.get("serial", "")): 1
                        for v in s.volumes}.items())
-        by_mode: dict[tuple[str, ...], int] = {}
+        by_mode: dict[tuple[str, ...], int] = {(mode,): 0 for mode in VOLUME_MODES}
         for (_, mode), size in s.offered.items():
             by_mode[(mode,)] = by_mode.get((mode,), 0) + size
         yield _family(GaugeMetricFamily, "capacity_bytes",
@@ -97,6 +182,11 @@ class StateCollector(Collector):
         for mode_key, size in sorted(by_mode.items()):
             upstream.add_metric(list(mode_key), size)
         yield upstream
+        for state, value in zip(("running", "succeeded", "failed"), s.proctable, strict=True):
+            yield GaugeMetricFamily(f"{PREFIX}_proctable_{state}",
+                                    f"In-process cleans {state}, as the upstream's process "
+                                    "table counts them (finished ones until acted on).",
+                                    value=value)
         yield _family(GaugeMetricFamily, "excluded_entries",
                       "Discovery entries not offered, by class and reason.", ["class", "reason"],
                       s.excluded.items())
@@ -104,6 +194,10 @@ class StateCollector(Collector):
                       "Volumes holding a former tenant's data that are neither cleaned nor "
                       "offered until an operator acts (disk_changed, unverified).", ["reason"],
                       (((k,), n) for k, n in s.held.items()))
+        yield GaugeMetricFamily(f"{OWN}_volumes_capacity_differs",
+                                "Claimed PVs whose capacity differs from their disk's size "
+                                "now (left as they are; see CapacityChanged Events).",
+                                value=s.capacity_differs)
         yield _family(CounterMetricFamily, "wakeups", "Wake-ups of the loop, by source.",
                       ["source"], (((k,), n) for k, n in s.wakeups.items()))
         yield _family(CounterMetricFamily, "wakeup_source_failures",
@@ -138,34 +232,30 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.api_requests = Counter(f"{PREFIX}_apiserver_requests_total",
-                                    "API server requests, by HTTP method.", ["method"], registry=r)
-        self.api_failures = Counter(f"{PREFIX}_apiserver_requests_failed_total",
-                                    "Failed API server requests, by HTTP method.", ["method"],
-                                    registry=r)
-        self.api_duration = Histogram(f"{PREFIX}_apiserver_requests_duration_seconds",
-                                      "API server request latency, by HTTP method.", ["method"],
-                                      registry=r)
-        self.discovered = Counter(f"{PREFIX}_persistentvolume_discovery_total",
-                                  "PVs created by discovery, by volume mode.", ["mode"],
-                                  registry=r)
-        self.discovery_duration = Histogram(
-            f"{PREFIX}_persistentvolume_discovery_duration_seconds",
-            "Duration of discovery passes that created PVs, by volume mode.", ["mode"],
-            registry=r)
+        self.upstream = UpstreamSeries()
+        up = self.upstream
+        up.counter(API_REQUESTS, "API server requests, by HTTP method.", ["method"])
+        up.counter(API_FAILURES, "Failed API server requests, by HTTP method.", ["method"])
+        up.histogram(API_DURATION, "API server request latency, by HTTP method.", ["method"])
+        up.counter(DISCOVERED, "PVs created by discovery, by volume mode.", ["mode"])
+        up.histogram(DISCOVERY_DURATION,
+                     "Duration of discovery passes that created PVs, by volume mode.", ["mode"])
+        up.counter(DELETED, "PVs cleaned and deleted, by volume mode and type (process, job).",
+                   ["mode", "type"])
+        up.counter(DELETE_FAILED, "Failed cleanings of released PVs, by mode and type.",
+                   ["mode", "type"])
+        up.histogram(DELETE_DURATION, "Time to clean a released PV, by mode, type, capacity and "
+                     "cleanup command (the class's blockCleanerCommand[0]).",
+                     ["mode", "type", "capacity", "cleanup_command"])
+        r.register(up)
+        self.api_request_duration = Histogram(
+            f"{OWN}_api_request_duration_seconds",
+            "API server request latency, by verb (finer buckets than the upstream's).",
+            ["verb"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
+                               5, 10, 30), registry=r)
         self.pass_duration = Histogram(f"{OWN}_discovery_pass_duration_seconds",
                                        "Duration of one discovery and reconcile pass.",
                                        registry=r)
-        self.deleted = Counter(f"{PREFIX}_persistentvolume_delete_total",
-                               "PVs cleaned and deleted, by volume mode and type (process).",
-                               ["mode", "type"], registry=r)
-        self.delete_failed = Counter(f"{PREFIX}_persistentvolume_delete_failed_total",
-                                     "Failed cleanings of released PVs, by mode and type.",
-                                     ["mode", "type"], registry=r)
-        self.delete_duration = Histogram(
-            f"{PREFIX}_persistentvolume_delete_duration_seconds",
-            "Time to clean a released PV, by mode, type, capacity and cleanup command.",
-            ["mode", "type", "capacity", "cleanup_command"], registry=r)
         self.cleanings = Counter(f"{OWN}_cleanings_total",
                                  "Cleanings of released or dirty volumes, by class, mode, result.",
                                  ["class", "mode", "result"], registry=r)
@@ -190,22 +280,23 @@ class Metrics:
         """A cleaning ended; `kind` is the upstream's delete type, process or job."""
         self.cleanings.labels(class_name, mode, "success" if ok else "failure").inc()
         if ok:
-            self.deleted.labels(mode, kind).inc()
-            self.delete_duration.labels(mode, kind, capacity, command).observe(seconds)
+            self.upstream.inc(DELETED, mode, kind)
+            self.upstream.observe(DELETE_DURATION, seconds, mode, kind, capacity, command)
             self.cleaning_duration.labels(class_name, mode).observe(seconds)
         else:
-            self.delete_failed.labels(mode, kind).inc()
+            self.upstream.inc(DELETE_FAILED, mode, kind)
 
     def watch_state(self, sample: Callable[[], AgentSample]) -> None:
         self.registry.register(StateCollector(sample))
 
     def observe_request(self, verb: str, outcome: str, seconds: float) -> None:
         method = verb  # the upstream labels requests by verb ("create", "delete")
-        self.api_requests.labels(method).inc()
+        self.upstream.inc(API_REQUESTS, method)
         if outcome != "ok":
-            self.api_failures.labels(method).inc()
+            self.upstream.inc(API_FAILURES, method)
         if verb != "watch":  # a watch lasts minutes by design; it would drown the latencies
-            self.api_duration.labels(method).observe(seconds)
+            self.upstream.observe(API_DURATION, seconds, method)
+            self.api_request_duration.labels(verb).observe(seconds)
 
     def observe_pass(self, created_by_mode: Mapping[str, int], seconds: float,
                      woken_at: float | None) -> None:
@@ -213,8 +304,8 @@ class Metrics:
         self.pass_duration.observe(seconds)
         for mode, count in created_by_mode.items():
             for _ in range(count):
-                self.discovered.labels(mode).inc()
-                self.discovery_duration.labels(mode).observe(seconds)
+                self.upstream.inc(DISCOVERED, mode)
+                self.upstream.observe(DISCOVERY_DURATION, seconds, mode)
                 if woken_at is not None:
                     self.event_to_pv.observe(time.monotonic() - woken_at)
 

@@ -31,10 +31,14 @@ class Reason(StrEnum):
     CONFIG_RELOADED = "ConfigReloaded"
     CLASS_FAILED = "ClassFailed"
     STATE_DIR_UNWRITABLE = "StateDirUnwritable"
+    CAPACITY_UPDATED = "CapacityUpdated"  # an Available PV got its disk's new size
+    CAPACITY_CHANGED = "CapacityChanged"  # a claimed PV's disk changed size; the PV is left
+    CLASS_REMOVED = "ClassRemoved"  # a claimed PV's class left the config; the PV is left
 
     @property
     def event_type(self) -> str:
-        normal = (Reason.PROVISIONED, Reason.VOLUME_CLEANED, Reason.CONFIG_RELOADED)
+        normal = (Reason.PROVISIONED, Reason.VOLUME_CLEANED, Reason.CONFIG_RELOADED,
+                  Reason.CAPACITY_UPDATED)
         return "Normal" if self in normal else "Warning"
 
 
@@ -54,6 +58,8 @@ class Scope(StrEnum):
     UNVERIFIED = "unverified"  # a Released PV whose disk cannot be recognised
     CLEAN_FAILED = "clean-failed"  # one failed attempt
     JOB_FAILED = "job-failed"  # a failed cleaning Job, until it is deleted
+    CAPACITY = "capacity"  # a claimed PV whose capacity differs from its disk's
+    CLASS_REMOVED = "class-removed"  # a claimed PV of a class no longer configured
 
 
 @dataclass(frozen=True)

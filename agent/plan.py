@@ -37,11 +37,26 @@ class Adoption:
 
 @dataclass(frozen=True)
 class Withdrawal:
-    """An unbound PV whose disk is gone: delete exactly this version of it, nothing newer."""
+    """An unbound PV whose disk is gone (or whose class was removed, `why`): delete exactly
+    this version of it, nothing newer."""
 
     name: str
     uid: str
     resource_version: str
+    path: str
+    why: str = ""  # "": the disk is gone
+
+
+@dataclass(frozen=True)
+class Resize:
+    """An Available PV whose disk changed size: write the new capacity on exactly this version
+    of it, so a PV bound meanwhile keeps the size its claim was matched against."""
+
+    name: str
+    uid: str
+    resource_version: str
+    capacity: str
+    old: str
     path: str
 
 
@@ -53,21 +68,27 @@ class Plan:
     notices: tuple[Notice, ...] = ()
     missing: tuple[str, ...] = ()  # PVs whose disk is gone (withdrawn or kept)
     changed_disk: tuple[str, ...] = ()  # PVs whose path now holds a different disk
+    resize: tuple[Resize, ...] = ()
+    capacity_differs: tuple[str, ...] = ()  # claimed PVs left with a capacity their disk lacks
 
     @property
     def writes(self) -> int:
-        return len(self.create) + len(self.adopt) + len(self.withdraw)
+        return len(self.create) + len(self.adopt) + len(self.withdraw) + len(self.resize)
 
 
-def plan(
+def plan(  # noqa: PLR0913 - every fact of the pass it decides on, as plain values
     desired: Sequence[Mapping[str, Any]],
     actual: Mapping[str, PV],
     node: NodeInfo,
     states: Mapping[str, tuple[VolumeState, Mapping[str, str]]] | None = None,
     withdraw_missing: bool = True,
+    *,
+    classes: frozenset[str] | None = None,
 ) -> Plan:
-    """What to write so every desired volume has exactly one PV, and what to say about the
-    PVs whose disk went away (`states`: by PV name, what the host shows at its path)."""
+    """What to write so every desired volume has exactly one PV of its disk's size, and what
+    to say about the PVs whose disk went away (`states`: by PV name, what the host shows at
+    its path). With `classes` (the configured ones), unclaimed PVs of any other class are
+    withdrawn (`--withdraw-removed-classes`); None leaves them, as the upstream does."""
     ours = [pv for pv in actual.values() if pvs.is_this_nodes(pv, node)]
     by_path: dict[str, list[PV]] = defaultdict(list)
     for pv in ours:
@@ -75,6 +96,7 @@ def plan(
 
     creates: list[Mapping[str, Any]] = []
     adoptions: list[Adoption] = []
+    sizes: list[tuple[str, Resize | Notice | None]] = []
     notices: list[Notice] = list(_duplicate_notices(by_path))
     wanted_labels = pvs.selector_labels(node)
     for manifest in desired:
@@ -82,6 +104,7 @@ def plan(
         existing = by_path.get(path)
         if existing:
             adoptions.extend(_adoptions(existing, wanted_labels))
+            sizes.extend((pvs.name(pv), _capacity(pv, manifest)) for pv in existing)
             continue
         name = manifest["metadata"]["name"]
         if name in actual:
@@ -93,10 +116,18 @@ def plan(
             continue
         creates.append(manifest)
 
-    withdrawals: list[Withdrawal] = []
+    resizes = [s for _, s in sizes if isinstance(s, Resize)]
+    sized_apart = [name for name, s in sizes if isinstance(s, Notice)]
+    notices.extend(s for _, s in sizes if isinstance(s, Notice))
+    removed = {pvs.name(pv): _removed_class(pv) for pv in sorted(ours, key=pvs.name)
+               if classes is not None and pvs.storage_class(pv) not in classes}
+    withdrawals = [w for w in removed.values() if isinstance(w, Withdrawal)]
+    notices.extend(n for n in removed.values() if isinstance(n, Notice))
     missing: list[str] = []
     changed: list[str] = []
     for pv in sorted(ours, key=pvs.name):
+        if pvs.name(pv) in removed:
+            continue  # its class is gone: decided above
         state, identity = (states or {}).get(pvs.name(pv), (VolumeState.UNKNOWN, {}))
         if state is VolumeState.GONE:
             missing.append(pvs.name(pv))
@@ -111,7 +142,62 @@ def plan(
                 changed.append(pvs.name(pv))
                 notices.append(_changed_disk_notice(pv, differs))
     return Plan(tuple(creates), tuple(adoptions), tuple(withdrawals), tuple(notices),
-                tuple(missing), tuple(changed))
+                tuple(missing), tuple(changed), tuple(resizes), tuple(sized_apart))
+
+
+def unclaimed(pv: PV) -> bool:
+    """Available and promised to no claim: the only PV the agent may resize or withdraw."""
+    return (pvs.phase(pv) == "Available" and pvs.claim_ref(pv) is None
+            and not pvs.deleting(pv))
+
+
+def _capacity(pv: PV, manifest: Mapping[str, Any]) -> Resize | Notice | None:
+    """A PV whose capacity is not its disk's size any more (grown, shrunk, replaced by a
+    bigger disk at the same path): an unclaimed one takes the new size; a claimed one keeps
+    what its claim was matched against and is reported. Sizes that cannot be read, and PVs of
+    another class at the path, are left alone."""
+    spec = manifest["spec"]
+    if pvs.storage_class(pv) != spec["storageClassName"]:
+        return None
+    wanted, have = spec["capacity"]["storage"], pvs.capacity(pv)
+    new, old = pvs.quantity_bytes(wanted), pvs.quantity_bytes(have)
+    if new is None or old is None or new == old:
+        return None
+    name, uid, path = pvs.name(pv), pvs.uid(pv), local_path(pv) or ""
+    if unclaimed(pv):
+        return Resize(name, uid, pvs.resource_version(pv), wanted, have, path)
+    if pvs.deleting(pv):
+        return None
+    return Notice("PersistentVolume", name, Reason.CAPACITY_CHANGED,
+                  f"the disk at {path!r} now holds {wanted} but the PV "
+                  f"({pvs.phase(pv) or 'no phase yet'}) says {have}; only an Available PV "
+                  "is resized, so this one is left as it is",
+                  Once(Scope.CAPACITY, f"{name}/{uid}/{wanted}"), uid=uid)
+
+
+def _removed_class(pv: PV) -> Withdrawal | Notice | None:
+    """A PV of a class no longer configured: withdrawn when unclaimed, so nothing new binds to
+    it; a claimed one is left to its claim and reported."""
+    name, uid, cls = pvs.name(pv), pvs.uid(pv), pvs.storage_class(pv)
+    path = local_path(pv) or ""
+    if unclaimed(pv):
+        return Withdrawal(name, uid, pvs.resource_version(pv), path,
+                          f"its class {cls} is no longer in the config")
+    if pvs.deleting(pv):
+        return None
+    return Notice("PersistentVolume", name, Reason.CLASS_REMOVED,
+                  f"class {cls} is no longer in the config; only an Available PV is "
+                  f"withdrawn, so this one ({pvs.phase(pv) or 'no phase yet'}) at {path!r} "
+                  "is left as it is", Once(Scope.CLASS_REMOVED, f"{name}/{uid}"), uid=uid)
+
+
+def offered_all(desired: Iterable[Mapping[str, Any]], actual: Mapping[str, PV],
+                node: NodeInfo) -> bool:
+    """Every volume the pass could offer has its PV: the node's first complete pass, after
+    which its startup taint may go (`removeNodeNotReadyTaint`)."""
+    paths = {local_path(pv) for pv in actual.values()
+             if pvs.is_this_nodes(pv, node) and not pvs.deleting(pv)}
+    return all(m["spec"]["local"]["path"] in paths for m in desired)
 
 
 def _gone(pv: PV, withdraw_missing: bool) -> Withdrawal | list[Notice]:

@@ -56,6 +56,7 @@ class PVSpec(TypedDict, total=False):
     volumeMode: str  # Filesystem or Block
     persistentVolumeReclaimPolicy: str  # Delete, Retain or Recycle
     nodeAffinity: dict[str, Any]  # required.nodeSelectorTerms[].matchExpressions[]
+    capacity: dict[str, str]  # {"storage": a quantity}
 
 
 class PVStatus(TypedDict, total=False):
@@ -123,6 +124,28 @@ def volume_mode(pv: PV) -> str:
 
 def reclaim_policy(pv: PV) -> str:
     return str(_spec(pv).get("persistentVolumeReclaimPolicy", "Delete"))
+
+
+def capacity(pv: PV) -> str:
+    """The PV's `spec.capacity.storage` as written, "" when absent."""
+    return str((_spec(pv).get("capacity") or {}).get("storage") or "")
+
+
+_BINARY = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "Pi": 1 << 50,
+           "Ei": 1 << 60}
+_DECIMAL = {"k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
+
+
+def quantity_bytes(text: str) -> int | None:
+    """A whole-number Kubernetes quantity ("10Gi", "500M", "1073741824") in bytes; None for
+    anything else (fractions, exponents, milli-units), which the agent never writes and so
+    never compares."""
+    text = text.strip()
+    for table in (_BINARY, _DECIMAL):
+        for suffix, unit in table.items():
+            if text.endswith(suffix) and text[:-len(suffix)].isdigit():
+                return int(text[:-len(suffix)]) * unit
+    return int(text) if text.isdigit() else None
 
 
 def local_path(pv: PV) -> str | None:

@@ -130,7 +130,7 @@ class Recycler:
             container_path=volume.mount_path,
             mount_dir=snapshot.real_dirs.get(cls.name, cls.mount_dir), device=volume.device,
             command=cls.block_cleaner_command, identity=recorded, nested_mounts=nested,
-            capacity_bytes=volume.capacity_bytes)
+            capacity_bytes=volume.capacity_bytes, fs_command=cls.fs_cleaner_command)
 
     def _begin(self, decision: CleanDecision, job: CleanJob) -> tuple[bool, int]:
         """Record a PV's clean durably before it starts (a restart finds it and resumes);

@@ -16,6 +16,7 @@ class RunSettings:
     debounce: float = 0.2  # seconds a burst of wake-ups is coalesced into one pass
     poll_period: float | None = None  # poll like the upstream: a pass every period
     withdraw_missing: bool = True  # delete an unbound PV whose disk is gone
+    withdraw_removed_classes: bool = False  # delete unbound PVs of classes no longer configured
     clean_stale_after: float = 60.0  # another instance's clean without a heartbeat is dead
     clean_retry_base: float = 30.0  # first delay after a failed clean, doubling to an hour
     config_path: str | None = None  # re-read on edits; None: the config never changes

@@ -48,6 +48,12 @@ class ClassPolicy:
     mount_options: tuple[str, ...] = ()
 
 
+def policy_of(storage_class: Mapping[str, Any]) -> ClassPolicy:
+    """What a StorageClass object gives its PVs (no reclaimPolicy: Delete, as the API does)."""
+    return ClassPolicy(reclaim_policy=storage_class.get("reclaimPolicy") or "Delete",
+                       mount_options=tuple(storage_class.get("mountOptions") or ()))
+
+
 def fnv1a_32(data: bytes) -> int:
     value = 0x811C9DC5
     for byte in data:

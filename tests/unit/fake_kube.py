@@ -91,7 +91,7 @@ class FakeKube:
         """API writes so far (Events excluded)."""
         return sum(self.calls[m] for m in ("create_pv", "patch_pv_labels",
                                            "patch_pv_annotations", "delete_pv", "create_job",
-                                           "delete_job"))
+                                           "delete_job", "patch_pv_capacity"))
 
     def put_pv(self, pv: PV) -> PV:
         """Store an object as another client would (the upstream provisioner, an admin)."""
@@ -334,6 +334,41 @@ class FakeKube:
             dropped = self.log.pop(0)
             self.compacted = dropped[0] + 1
         self._lock.notify_all()
+
+    # -- the opt-in behaviours' writes (startup taint, capacity) --------------------------------
+
+    def taint_node(self, name: str, key: str, effect: str = "NoSchedule") -> None:
+        with self._lock:
+            spec = self.nodes[name].setdefault("spec", {})
+            spec.setdefault("taints", []).append({"key": key, "effect": effect})
+
+    def taints(self, name: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return copy.deepcopy(self.nodes[name].get("spec", {}).get("taints") or [])
+
+    def remove_node_taint(self, name: str, key: str, attempts: int = 5) -> bool:
+        self._enter("remove_node_taint", "patch")
+        with self._lock:
+            node = self.nodes.get(name)
+            if node is None:
+                raise self._error("patch", 404, f'nodes "{name}" not found')
+            taints = node.setdefault("spec", {}).get("taints") or []
+            keep = [t for t in taints if t.get("key") != key]
+            node["spec"]["taints"] = keep
+            return len(keep) != len(taints)
+
+    def patch_pv_capacity(self, name: str, uid: str, resource_version: str,
+                          storage: str) -> PV:
+        self._enter("patch_pv_capacity", "patch")
+        with self._lock:
+            pv = self._existing(name, "patch")
+            meta = pv["metadata"]
+            if meta.get("uid") != uid or meta["resourceVersion"] != resource_version:
+                raise self._error("patch", 409, "the object has been modified")
+            obj = copy.deepcopy(pv)
+            obj["spec"].setdefault("capacity", {})["storage"] = storage
+            self._store(obj, "MODIFIED", pv)
+            return copy.deepcopy(obj)
 
 
 def _filtered(kind: str, obj: PV, before: PV | None, selector: str) -> tuple[str, PV] | None:

@@ -254,3 +254,57 @@ def test_a_volume_locked_by_another_agent_is_not_cleaned(tmp_path: Path) -> None
     finally:
         os.close(held)
         cleaner.shutdown()
+
+
+def test_a_class_fs_cleaner_command_runs_in_the_volume_with_its_path(tmp_path: Path) -> None:
+    """`fsCleanerCommand` replaces the built-in cleaner: it starts in the checked directory
+    with LOCAL_PV_FS_PATH set, and only after the disk's identity was read again."""
+    volume, device = _volume(tmp_path)
+    marker = tmp_path / "marker"
+    script = f'echo "$LOCAL_PV_FS_PATH $(pwd)" > {marker} && rm -f ./data'
+    seen: list[str] = []
+
+    def identify(job: CleanJob) -> dict[str, str]:
+        seen.append("identified" if not marker.exists() else "identified after the command")
+        return DISK
+
+    done = threading.Event()
+    cleaner = Cleaner(on_done=done.set, mountinfo="/dev/null", identify=identify)
+    outcome = _run(cleaner, _job(tmp_path, volume, device,
+                                 fs_command=("/bin/sh", "-c", script)), done)
+    cleaner.shutdown()
+    assert outcome.ok, outcome.detail
+    assert outcome.detail == "/bin/sh succeeded"
+    assert seen == ["identified"]
+    assert marker.read_text().split() == [str(volume), str(volume)]
+    assert os.listdir(volume) == [] and volume.is_dir()
+
+
+@pytest.mark.parametrize(("script", "words"), [
+    ("exit 3", "/bin/sh exited with status 3"),
+    ("sleep 30", "did not finish within 1s"),
+])
+def test_a_failing_or_hanging_fs_cleaner_command_fails_the_clean(
+        tmp_path: Path, script: str, words: str) -> None:
+    volume, device = _volume(tmp_path)
+    done = threading.Event()
+    cleaner = Cleaner(timeout=1.0, on_done=done.set, mountinfo="/dev/null",
+                      identify=lambda job: DISK)
+    outcome = _run(cleaner, _job(tmp_path, volume, device,
+                                 fs_command=("/bin/sh", "-c", script)), done)
+    cleaner.shutdown()
+    assert not outcome.ok and words in outcome.detail
+
+
+def test_no_fs_cleaner_command_runs_on_a_disk_that_is_not_the_recorded_one(
+        tmp_path: Path) -> None:
+    volume, device = _volume(tmp_path)
+    marker = tmp_path / "marker"
+    done = threading.Event()
+    cleaner = Cleaner(on_done=done.set, mountinfo="/dev/null",
+                      identify=lambda job: {"fs-uuid": "11111111-2222-3333-4444-555555555555"})
+    outcome = _run(cleaner, _job(tmp_path, volume, device,
+                                 fs_command=("/bin/sh", "-c", f"touch {marker}")), done)
+    cleaner.shutdown()
+    assert not outcome.ok and outcome.disk_changed
+    assert not marker.exists() and (volume / "data").read_text() == "x"

@@ -202,3 +202,114 @@ def test_state_metrics_are_read_from_the_loop(tmp_path: Path) -> None:
         assert sample.ready and sample.config_reloads == {} and sample.held == {}
     finally:
         rig.close()
+
+
+@pytest.fixture
+def one_volume(tmp_path: Path) -> tuple[Path, Path]:
+    """A discovery dir with one entry that a mount table (a fixture file) lists as mounted."""
+    entry = tmp_path / "disks" / "vol"
+    entry.mkdir(parents=True)
+    dev = os.stat(entry).st_dev
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(f"36 1 {os.major(dev)}:{os.minor(dev)} / {entry} rw shared:1 - ext4 "
+                         "/dev/fake rw\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "nodeLabelsForPV": ["topology.kubernetes.io/zone"],
+        "storageClassMap": {
+            CLASS: {"hostDir": "/mnt/disks", "mountDir": str(entry.parent)},
+            "other": {"hostDir": "/mnt/other", "mountDir": str(tmp_path / "disks"),
+                      "namePattern": "vol"},
+        }}))
+    return config, mountinfo
+
+
+def scan_yaml(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[Any], str]:
+    code = cli.main(["scan", *args])
+    out, err = capsys.readouterr()
+    return code, [d for d in yaml.safe_load_all(out) if d], err
+
+
+def test_scan_takes_node_labels_mount_options_and_policy_from_flags(
+        one_volume: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    config, mountinfo = one_volume
+    code, pvs, _ = scan_yaml(["--config", str(config), "--node-name", "n1", "--mountinfo",
+                              str(mountinfo), "--node-label", "topology.kubernetes.io/zone=z1",
+                              "--node-label", "kubernetes.io/hostname=host-1", "--node-uid", "u1",
+                              "--mount-option", f"{CLASS}=noatime",
+                              "--mount-option", f"{CLASS}=nodiratime",
+                              "--reclaim-policy", "Retain"], capsys)
+    assert code == cli.EXIT_OK
+    (pv,) = [p for p in pvs if p["spec"]["storageClassName"] == CLASS]
+    assert pv["metadata"]["labels"]["topology.kubernetes.io/zone"] == "z1"
+    assert pv["metadata"]["labels"]["kubernetes.io/hostname"] == "host-1"
+    assert pv["metadata"]["annotations"]["pv.kubernetes.io/provisioned-by"] == \
+        "local-volume-provisioner-n1-u1"
+    assert pv["spec"]["mountOptions"] == ["noatime", "nodiratime"]
+    assert pv["spec"]["persistentVolumeReclaimPolicy"] == "Retain"
+    (term,) = pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"]
+    assert term["matchExpressions"][0]["values"] == ["host-1"]
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--node-label", "zone"], "expected KEY=VALUE"),
+    (["--mount-option", "noatime"], "expected CLASS=OPTION"),
+    (["--mount-option", "nope=noatime"], "no class nope"),
+])
+def test_scan_rejects_malformed_flags(one_volume: tuple[Path, Path], flags: list[str],
+                                      words: str, capsys: pytest.CaptureFixture[str]) -> None:
+    config, mountinfo = one_volume
+    code, _, err = scan_yaml(["--config", str(config), "--node-name", "n1", "--mountinfo",
+                              str(mountinfo), *flags], capsys)
+    assert code == cli.EXIT_CONFIG and words in err
+
+
+def test_scan_with_a_kubeconfig_reads_the_node_and_storage_classes_as_run_does(
+        one_volume: tuple[Path, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The Node's UID and labels, the StorageClass's policy and mount options; a class whose
+    StorageClass is missing is left out, as run leaves it out."""
+    from tests.unit.fake_apiserver import serving  # noqa: PLC0415
+
+    config, mountinfo = one_volume
+    fake = FakeKube()
+    fake.add_node("n1", uid="uid-1", labels={"kubernetes.io/hostname": "host-1",
+                                             "topology.kubernetes.io/zone": "z1"})
+    fake.add_storage_class(CLASS, reclaim_policy="Retain", mount_options=("noatime",))
+    with serving(fake, tmp_path) as (kubeconfig, _):
+        code, pvs, err = scan_yaml(["--config", str(config), "--node-name", "n1",
+                                    "--mountinfo", str(mountinfo),
+                                    "--kubeconfig", str(kubeconfig)], capsys)
+        assert code == cli.EXIT_OK, err
+        (pv,) = pvs
+        assert "StorageClass other does not exist" in err
+        assert pv["metadata"]["labels"]["topology.kubernetes.io/zone"] == "z1"
+        assert pv["metadata"]["annotations"]["pv.kubernetes.io/provisioned-by"] == \
+            "local-volume-provisioner-n1-uid-1"
+        assert pv["spec"]["mountOptions"] == ["noatime"]
+        assert pv["spec"]["persistentVolumeReclaimPolicy"] == "Retain"
+        # A flag given overrides what the API says.
+        code, pvs, _ = scan_yaml(["--config", str(config), "--node-name", "n1",
+                                  "--mountinfo", str(mountinfo), "--kubeconfig",
+                                  str(kubeconfig), "--mount-option", f"{CLASS}=sync"], capsys)
+        assert pvs[0]["spec"]["mountOptions"] == ["sync"]
+        code, _, err = scan_yaml(["--config", str(config), "--node-name", "missing-node",
+                                  "--mountinfo", str(mountinfo),
+                                  "--kubeconfig", str(kubeconfig)], capsys)
+        assert code == cli.EXIT_UNREADABLE_DIR and "cannot read the Node" in err
+
+
+def test_scan_reclaim_policy_for_all_classes_or_one(
+        one_volume: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    config, mountinfo = one_volume
+    base = ["--config", str(config), "--node-name", "n1", "--mountinfo", str(mountinfo)]
+    _, pvs, _ = scan_yaml([*base], capsys)
+    assert pvs[0]["spec"]["persistentVolumeReclaimPolicy"] == "Delete"
+    _, pvs, _ = scan_yaml([*base, "--reclaim-policy", "Retain", "--reclaim-policy",
+                           f"{CLASS}=Recycle"], capsys)
+    assert pvs[0]["spec"]["persistentVolumeReclaimPolicy"] == "Recycle"
+    _, pvs, _ = scan_yaml([*base, "--reclaim-policy", "other=Recycle"], capsys)
+    assert pvs[0]["spec"]["persistentVolumeReclaimPolicy"] == "Delete"
+    for bad in ("Keep", "nope=Retain"):
+        code, _, err = scan_yaml([*base, "--reclaim-policy", bad], capsys)
+        assert code == cli.EXIT_CONFIG and "[CLASS=]POLICY" in err

@@ -466,3 +466,35 @@ def test_fingerprint_reads_a_bounded_prefix_and_the_size(tmp_path: Path) -> None
     assert fingerprint(path) != before
     path.write_bytes(b"storageClassMap: {}\n")
     assert fingerprint(path) != before and fingerprint(path) == fingerprint(path)
+
+
+def test_fs_cleaner_command_is_the_agents_own_key_and_off_by_default() -> None:
+    (cls,) = parse_config(MINIMAL).classes
+    assert cls.fs_cleaner_command == ()  # the built-in cleaner
+    config = parse_config(one_class(hostDir="/mnt/d",
+                                    fsCleanerCommand=["/scripts/fsclean.sh", "--quick"]))
+    assert config.classes[0].fs_cleaner_command == ("/scripts/fsclean.sh", "--quick")
+    assert config.warnings == ()
+
+
+@pytest.mark.parametrize(("value", "words"), [
+    ([], "empty command cleans nothing"),
+    ("/scripts/fsclean.sh", "list of strings"),
+    (["/scripts/fsclean.sh", 2], "list of strings"),
+    ([["/bin/sh"]], "list of strings"),
+    ({"cmd": "x"}, "list of strings"),
+    ([" ", "x"], "first element must name the executable"),
+    (["/bin/rm\0", "-rf"], "NUL"),
+])
+def test_bad_fs_cleaner_commands_are_errors(value: object, words: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(one_class(hostDir="/mnt/d", fsCleanerCommand=value))
+    assert caught.value.key_path == "storageClassMap.sc1.fsCleanerCommand"
+    assert words in str(caught.value) and "got " in str(caught.value)
+
+
+def test_fs_cleaner_command_in_a_block_class_warns() -> None:
+    config = parse_config(one_class(hostDir="/mnt/d", volumeMode="Block",
+                                    fsCleanerCommand=["/x"]))
+    assert config.warnings == ("storageClassMap.sc1.fsCleanerCommand: unused in a Block class "
+                               "(its volumes are cleaned by blockCleanerCommand)",)

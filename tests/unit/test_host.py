@@ -26,7 +26,8 @@ def fixture_disks(tmp_path: Path, lines: dict[str, str]) -> tuple[Path, Path]:
     text = ""
     for i, (name, fs_type) in enumerate(lines.items()):
         (disks / name).mkdir()
-        text += f"{30 + i} 1 0:{70 + i} / {disks}/{name} rw - {fs_type} src rw\n"
+        dev = (disks / name).stat().st_dev  # the reader checks the mount point still holds it
+        text += f"{30 + i} 1 {os.major(dev)}:{os.minor(dev)} / {disks}/{name} rw - {fs_type} src rw\n"
     mountinfo.write_text(text)
     return disks, mountinfo
 

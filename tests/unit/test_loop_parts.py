@@ -205,7 +205,8 @@ def test_a_closed_recorder_posts_nothing_more(recorder: tuple) -> None:
 
 
 def test_reasons_carry_their_event_type() -> None:
-    normal = (Reason.PROVISIONED, Reason.VOLUME_CLEANED, Reason.CONFIG_RELOADED)
+    normal = (Reason.PROVISIONED, Reason.VOLUME_CLEANED, Reason.CONFIG_RELOADED,
+              Reason.CAPACITY_UPDATED)
     assert {r.event_type for r in normal} == {"Normal"}
     assert {r.event_type for r in Reason if r not in normal} == {"Warning"}
     assert str(Once(Scope.MISSING, "pv/uid")) == "missing/pv/uid"
@@ -267,7 +268,9 @@ def test_the_loop_runs_passes_on_wake_ups_and_stops_promptly(tmp_path: Path) -> 
         rig.host.add(CLASS, "b")
         rig.loop.waker.wake("udev")
         eventually(lambda: rig.pv("b"), what="the PV of a hot-added disk")
-        assert rig.loop.state.passes > passes and rig.loop.state.first_sync_done
+        # the PV exists as soon as the create returns; the pass is counted when it ends
+        eventually(lambda: rig.loop.state.passes > passes, what="the pass counted")
+        assert rig.loop.state.first_sync_done
         rig.kube.remove_pv(rig.name("a"))  # deleted by hand: the watch wakes the loop
         eventually(lambda: rig.pv("a"), what="the PV made again")
     finally:
