@@ -19,11 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from agent.cleaner import clean_filesystem, run_block_cleaner  # noqa: E402
-from tests.disks import Disks  # noqa: E402
+from agent.cleaner import clean_filesystem, run_block_cleaner
+from devkit import REPO
+from devkit.disks import Disks
 
 CLEANERS = REPO / "scripts" / "cleaners"
 BLOCK_CLEANERS = ("quick_reset.sh", "blkdiscard.sh", "dd_zero.sh", "shred.sh")

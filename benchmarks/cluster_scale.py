@@ -24,11 +24,7 @@ from pathlib import Path
 
 import psutil
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from tests.disks import Disks  # noqa: E402
-from tests.e2e.agents import (  # noqa: E402
+from devkit.agents import (
     Agent,
     build_binaries,
     class_config,
@@ -36,7 +32,8 @@ from tests.e2e.agents import (  # noqa: E402
     items,
     wait_for,
 )
-from tests.harness.controlplane import ControlPlane  # noqa: E402
+from devkit.controlplane import ControlPlane
+from devkit.disks import Disks
 
 NODE = "node-1"
 VOLUMES = 10

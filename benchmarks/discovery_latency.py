@@ -30,12 +30,8 @@ from pathlib import Path
 
 from kubernetes import client, config, watch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from agent.volumes import pv_name  # noqa: E402
-from tests.disks import Disks  # noqa: E402
-from tests.e2e.agents import (  # noqa: E402
+from agent.volumes import pv_name
+from devkit.agents import (
     Agent,
     build_binaries,
     class_config,
@@ -43,7 +39,8 @@ from tests.e2e.agents import (  # noqa: E402
     items,
     wait_for,
 )
-from tests.harness.controlplane import ControlPlane  # noqa: E402
+from devkit.controlplane import ControlPlane
+from devkit.disks import Disks
 
 CLASS = "local-storage"
 POLL_PERIOD = 10.0  # the upstream provisioner's default

@@ -33,11 +33,9 @@ import time
 import zlib
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from tests.disks import Disks, sh  # noqa: E402
-from tests.harness.realnode import Images, _Layout  # noqa: E402
+from devkit import REPO
+from devkit.disks import Disks, sh
+from devkit.realnode import Images, _Layout
 
 NS, DS = "localpv-agent", "localpv-agent"
 

@@ -25,13 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import yaml
 
-import yaml  # noqa: E402
-
-from tests.e2e.agents import build_binaries, write_token_kubeconfig  # noqa: E402
-from tests.e2e.test_remediate import (  # noqa: E402
+from devkit import REPO
+from devkit.agents import build_binaries, write_token_kubeconfig
+from devkit.controlplane import ControlPlane
+from devkit.remediation import (
     ACCOUNT,
     NAMESPACE,
     RBAC_KINDS,
@@ -46,7 +45,6 @@ from tests.e2e.test_remediate import (  # noqa: E402
     shut_down,
     teardown,
 )
-from tests.harness.controlplane import ControlPlane  # noqa: E402
 
 
 def install(cluster: ControlPlane, work: Path) -> Path:

@@ -12,12 +12,12 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
+from devkit.agents import REPO, write_token_kubeconfig
+from devkit.controlplane import ControlPlane
+from devkit.disks import can_make_disks
+from devkit.udevd import Udevd, udevd_binary
 from tests.conftest import require
-from tests.disks import can_make_disks
-from tests.e2e.agents import REPO, write_token_kubeconfig
 from tests.e2e.proxy import Proxy
-from tests.harness.controlplane import ControlPlane
-from tests.harness.udevd import Udevd, udevd_binary
 
 CLUSTER_KEY = pytest.StashKey[ControlPlane]()
 RBAC_KINDS = {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role",

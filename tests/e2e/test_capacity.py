@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 
 from agent.volumes import format_quantity, pv_name, round_capacity
-from tests.disks import Disks, disks, sh
-from tests.e2e.agents import Agent, class_config, events_for, node_for_test, pvs_of, wait_for
-from tests.harness.controlplane import ControlPlane
+from devkit.agents import Agent, class_config, events_for, node_for_test, pvs_of, wait_for
+from devkit.controlplane import ControlPlane
+from devkit.disks import Disks, disks, sh
 
 CLASS = "local-storage"
 REACT = 60.0  # seconds: a few resyncs on a loaded machine

@@ -11,7 +11,7 @@
   ConfigMap projected into a directory the way the kubelet does it, turns a real loop device
   into a PV of the chart's class; after the upgrade it reloads the new ConfigMap and labels
   the next PV as the upgraded values say.
-- On the real node (containerd + kubelet, tests/harness/realnode.py, in a control plane of
+- On the real node (containerd + kubelet, devkit/realnode.py, in a control plane of
   its own): `helm install` of the defaults with only what this environment forces (the image
   built here, hostNetwork and the API's address, a free metrics port, host paths under the
   node's dir), the agent's pod running on the kubelet and a host disk becoming a PV; then
@@ -36,9 +36,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import require
-from tests.disks import Disks, sh
-from tests.e2e.agents import (
+from devkit.agents import (
     REPO,
     Agent,
     node_for_test,
@@ -46,8 +44,10 @@ from tests.e2e.agents import (
     wait_for,
     write_token_kubeconfig,
 )
-from tests.harness.controlplane import ControlPlane
-from tests.harness.realnode import Images, RealNode, stop_node, wait_daemonset_ready
+from devkit.controlplane import ControlPlane
+from devkit.disks import Disks, sh
+from devkit.realnode import Images, RealNode, stop_node, wait_daemonset_ready
+from tests.conftest import require
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 

@@ -15,11 +15,11 @@ import pytest
 import yaml
 
 from agent.volumes import pv_name
-from tests.disks import disks, sh
-from tests.e2e.agents import Agent, class_config, node_for_test, pvs_of, wait_for
+from devkit.agents import Agent, class_config, node_for_test, pvs_of, wait_for
+from devkit.controlplane import ControlPlane
+from devkit.disks import disks, sh
+from devkit.hungfs import HungMount
 from tests.e2e.proxy import Proxy
-from tests.harness.controlplane import ControlPlane
-from tests.harness.hungfs import HungMount
 
 CLASS = "local-storage"
 
@@ -126,8 +126,8 @@ def test_sigterm_during_a_clean_on_a_frozen_filesystem(
                     "spec": {"storageClassName": CLASS, "accessModes": ["ReadWriteOnce"],
                              "volumeName": name, "resources": {"requests": {"storage": "1Mi"}}}})
             assert status == 201, body
-            wait_for(lambda: "holds data of PV" in agent.log(), 30, "the volume marked dirty",
-                     on_timeout=agent.log)
+            wait_for(lambda: agent.dirty_paths() == {"/mnt/disks/frozen"}, 30,
+                     "the volume recorded as dirty", on_timeout=agent.log)
             for i in range(100):
                 (mount / f"file-{i}").write_text("tenant data")
             sh("fsfreeze", "-f", str(mount))

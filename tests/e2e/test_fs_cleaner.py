@@ -10,9 +10,9 @@ from typing import Any
 import yaml
 
 from agent.volumes import pv_name
-from tests.disks import disks
-from tests.e2e.agents import Agent, node_for_test, pvs_of, wait_for
-from tests.harness.controlplane import ControlPlane
+from devkit.agents import Agent, node_for_test, pvs_of, wait_for
+from devkit.controlplane import ControlPlane
+from devkit.disks import disks
 
 CLASS = "local-storage"
 

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 from agent.volumes import pv_name
+from devkit.agents import Agent, class_config, pvs_of, wait_for
+from devkit.controlplane import ControlPlane
+from devkit.disks import disks
 from tests.conftest import require
-from tests.disks import disks
-from tests.e2e.agents import Agent, class_config, pvs_of, wait_for
-from tests.harness.controlplane import ControlPlane
 
 CLASS = "local-storage"
 FD_LIMIT = 1024

@@ -4,7 +4,6 @@ binds them, and its pods always come back to the node holding their data."""
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +13,12 @@ import pytest
 import yaml
 
 from agent.volumes import pv_name
-from tests.disks import Disks, disks
-from tests.e2e.agents import REPO, Agent, events_for, items, pvs_of, wait_for
-from tests.harness.controlplane import ControlPlane
+from devkit.agents import REPO, Agent, events_for, items, pvs_of, wait_for
+from devkit.controlplane import ControlPlane
+from devkit.disks import Disks, disks
 
 NODES = ("node-1", "node-2", "node-3")
+CREATED = "local_volume_provisioner_persistentvolume_discovery_total"  # PVs the agent created
 CLASS = "local-storage"
 STS = "example-sts1"
 
@@ -189,10 +189,11 @@ def test_restarted_agent_creates_no_duplicate(
     agents["node-1"] = Agent("node-1", node_disks["node-1"].config,
                              agents["node-1"].kubeconfig, agents["node-1"].workdir).start()
     agents["node-1"].wait_ready()
+    agents["node-1"].wait_passes(2)
     after = sorted((pv["metadata"]["name"], pv["metadata"]["uid"])
                    for pv in pvs_of(cluster, "node-1"))
     assert after == before
-    assert "created PV" not in agents["node-1"].log()
+    assert agents["node-1"].metric(CREATED) == 0
 
 
 def test_second_agent_for_the_same_node_creates_no_duplicate(
@@ -203,11 +204,11 @@ def test_second_agent_for_the_same_node_creates_no_duplicate(
     twin = Agent("node-2", node_disks["node-2"].config, agent_kubeconfig, workdir).start()
     try:
         twin.wait_ready()
-        time.sleep(1)
+        twin.wait_passes(2)
         assert sorted(pv["metadata"]["uid"] for pv in pvs_of(cluster, "node-2")) == before
+        assert twin.metric(CREATED) == 0
     finally:
         twin.stop()
-    assert "created PV" not in twin.log()
 
 
 def test_upstream_pvs_are_adopted_and_missing_class_is_disabled(

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.disks import disks
-from tests.e2e.agents import REPO, class_config
-from tests.harness.controlplane import ControlPlane
+from devkit.agents import REPO, class_config
+from devkit.controlplane import ControlPlane
+from devkit.disks import disks
 
 # Kubernetes manifests; config/monitoring holds a PrometheusRule, whose CRD (the Prometheus
 # Operator's) a bare control plane does not have: it is checked with promtool instead.

@@ -32,10 +32,10 @@ from typing import Any
 import pytest
 import yaml
 
+from devkit.agents import REPO, wait_for
+from devkit.disks import Disks, sh
+from devkit.realnode import NODE_NAME, _Layout, host_snapshot
 from tests.conftest import require
-from tests.disks import Disks, sh
-from tests.e2e.agents import REPO, wait_for
-from tests.harness.realnode import NODE_NAME, _Layout, host_snapshot
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,7 @@ import pytest
 import yaml
 
 from agent.volumes import pv_name
-from tests.disks import Disks, disks, sh
-from tests.e2e.agents import (
+from devkit.agents import (
     REPO,
     Agent,
     events_for,
@@ -29,7 +27,8 @@ from tests.e2e.agents import (
     pvs_of,
     wait_for,
 )
-from tests.harness.controlplane import ControlPlane
+from devkit.controlplane import ControlPlane
+from devkit.disks import Disks, disks, sh
 
 FS, BLOCK = "local-storage", "local-block"
 CLEANERS = REPO / "scripts" / "cleaners"
@@ -106,9 +105,19 @@ def bind(node: Node, pv: dict[str, Any], suffix: str) -> str:
 
 
 def remembered_dirty(node: Node, entry: str) -> None:
-    """Wait until the agent has seen the claim and recorded the volume as holding data."""
-    wait_for(lambda: f"volume /mnt/disks/{entry} holds data of PV" in node.log(), 20,
+    """Wait until the agent has seen the claim and recorded the volume as holding data (its
+    record in the state dir, which outlives the PV)."""
+    wait_for(lambda: dirty_paths(node) >= {f"/mnt/disks/{entry}"}, 20,
              f"{entry} remembered as dirty", on_timeout=node.log)
+
+
+def dirty_paths(node: Node) -> set[str]:
+    state = node.work / f"state-{node.name}" / "dirty"
+    return {json.loads(f.read_text())["path"] for f in state.glob("*.json")}
+
+
+def cleanings(*agents: Agent, result: str = "success") -> float:
+    return sum(a.metric("localpv_agent_cleanings_total", result=result) for a in agents)
 
 
 def release(node: Node, claim: str) -> None:
@@ -279,12 +288,26 @@ def test_dirty_pv_deleted_by_hand_is_cleaned_before_it_is_offered(node: Node) ->
                                  f"/api/v1/persistentvolumes/{pv['metadata']['name']}")
     assert status == 200
     wait_for(lambda: node.pv("handled") is None, 30, "the PV deleted by hand")
-    node.start()
+    agent = node.start()
     back = wait_for(lambda: node.pv("handled"), 30, "the volume offered again")
     assert back["metadata"]["uid"] != pv["metadata"]["uid"]
-    assert os.listdir(mount) == []  # cleaned before the PV was created
-    log = node.log()
-    assert log.index("cleaning /mnt/disks/handled") < log.index("created PV")
+    assert os.listdir(mount) == []
+    assert cleanings(agent) == 1 and "/mnt/disks/handled" not in dirty_paths(node)
+    # Cleaned before the PV was created: the agent posts its Events in order from one thread,
+    # each named after the time it was posted (agent/kube.py), so VolumeCleaned comes first.
+    cleaned = wait_for(lambda: [e for e in node_events(node, "VolumeCleaned")
+                                if "/mnt/disks/handled" in e["message"]], 30, "VolumeCleaned",
+                       on_timeout=agent.log)
+    provisioned = wait_for(lambda: len(found := [
+        e for e in events_for(node.cluster, "PersistentVolume", back["metadata"]["name"])
+        if e["reason"] == "Provisioned"]) == 2 and found, 30, "Provisioned, for each PV")
+    assert len(cleaned) == 1
+    assert posted_at(cleaned[0]) < max(posted_at(e) for e in provisioned), (cleaned, provisioned)
+
+
+def posted_at(event: dict[str, Any]) -> int:
+    """When the agent posted `event`: its name ends in that time (ns, hex), by agent/kube.py."""
+    return int(event["metadata"]["name"].rsplit(".", 1)[1], 16)
 
 
 def test_released_pv_whose_disk_is_missing_is_left_alone(node: Node) -> None:
@@ -298,11 +321,12 @@ def test_released_pv_whose_disk_is_missing_is_left_alone(node: Node) -> None:
                                             pv["metadata"]["name"])
                       if e["reason"] == "VolumeMissing"], 30, "a VolumeMissing warning",
              on_timeout=node.log)
-    time.sleep(2)
+    assert node.agent is not None
+    node.agent.wait_passes(2)
     current = node.pv("vanishing")
     assert current is not None and current["metadata"]["uid"] == pv["metadata"]["uid"]
     assert current["status"]["phase"] == "Released"
-    assert "cleaning /mnt/disks/vanishing" not in node.log()
+    assert cleanings(node.agent, result="success") == cleanings(node.agent, result="failure") == 0
 
 
 def test_retained_pv_is_never_touched(node: Node) -> None:
@@ -316,7 +340,8 @@ def test_retained_pv_is_never_touched(node: Node) -> None:
     release(node, claim)
     wait_for(lambda: (node.pv("kept") or {}).get("status", {}).get("phase") == "Released",
              30, "released")
-    time.sleep(2)
+    assert node.agent is not None
+    node.agent.wait_passes(2)
     assert (mount / "keep.me").read_text() == "retained"
     assert node.pv("kept")["metadata"]["uid"] == pv["metadata"]["uid"]  # type: ignore[index]
 
@@ -385,7 +410,8 @@ def test_bound_pv_whose_labels_were_edited_is_never_cleaned(node: Node) -> None:
     node.cluster.kubectl("label", "pv", pv["metadata"]["name"], "app.kubernetes.io/managed-by-")
     wait_for(lambda: "still exists for it" in node.log(), 20,
              "the agent checking the API before cleaning", on_timeout=node.log)
-    time.sleep(2)
+    assert node.agent is not None
+    node.agent.wait_passes(2)
     assert (mount / "in-use.db").read_text() == "live data"
     current = node.pv("relabelled")
     assert current is not None and current["metadata"]["uid"] == pv["metadata"]["uid"]
@@ -480,9 +506,10 @@ def test_a_dirty_record_never_wipes_a_replacement_disk(node: Node) -> None:
                        on_timeout=agent.log)
     assert old_uuid in changed[0]["message"] and new_uuid in changed[0]["message"]
     assert "delete" in changed[0]["message"]  # the manual step is named
+    agent.wait_passes(2)
     assert (mount / "precious.txt").read_text() == "a replacement disk's data"
     assert node.pv("recorded") is None
-    assert "cleaning /mnt/disks/recorded" not in agent.log()
+    assert cleanings(agent, result="success") == cleanings(agent, result="failure") == 0
 
 
 def test_a_dirty_record_without_identity_is_held_for_an_operator(node: Node) -> None:
@@ -501,14 +528,6 @@ def test_a_dirty_record_without_identity_is_held_for_an_operator(node: Node) -> 
     assert 'localpv_agent_volumes_held{reason="unverified"} 1.0' in agent.get("/metrics")[1]
     assert (mount / "tenant.db").read_text() == "someone's data"
     assert node.pv("legacy") is None
-
-
-def passes(agent: Agent) -> int:
-    """The agent's pass counter (its pass-duration histogram's count)."""
-    for line in agent.get("/metrics")[1].splitlines():
-        if line.startswith("localpv_agent_discovery_pass_duration_seconds_count"):
-            return int(float(line.split()[-1]))
-    return 0
 
 
 def test_twin_agents_clean_a_dirty_volume_once_and_never_the_next_tenant(node: Node) -> None:
@@ -537,16 +556,15 @@ def test_twin_agents_clean_a_dirty_volume_once_and_never_the_next_tenant(node: N
                            *state).start())
     try:
         back = wait_for(lambda: (p := node.pv("twin")) is not None
-                        and p["metadata"]["uid"] != pv["metadata"]["uid"] and p, 60,
-                        "the volume offered again", on_timeout=twins[0].log)
+                        and p["metadata"]["uid"] != pv["metadata"]["uid"] and p, 120,
+                        "the volume offered again",
+                        on_timeout=lambda: "\n".join(t.log() for t in twins))
         bind(node, back, "twin-next")
         (mount / "next-tenant").write_text("new")
-        before = [passes(t) for t in twins]
-        wait_for(lambda: all(passes(t) >= b + 3 for t, b in zip(twins, before, strict=True)),
-                 60, "three more passes of each twin")
+        for t in twins:
+            t.wait_passes(3)
         assert (mount / "next-tenant").read_text() == "new"
-        done = sum(t.log().count("clean /mnt/disks/twin done") for t in twins)
-        assert done == 1, "\n".join(t.log() for t in twins)
+        assert cleanings(*twins) == 1, "\n".join(t.log() for t in twins)
     finally:
         for t in twins:
             t.kill()

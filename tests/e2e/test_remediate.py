@@ -11,14 +11,8 @@ real disks make them and one of them comes back after its node was lost.
 
 from __future__ import annotations
 
-import json
-import re
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,26 +20,29 @@ import pytest
 import yaml
 
 from agent.volumes import pv_name
-from tests.disks import disks
-from tests.e2e.agents import (
-    REPO,
-    Agent,
-    wait_for,
-    write_token_kubeconfig,
+from devkit.agents import REPO, Agent, wait_for, write_token_kubeconfig
+from devkit.controlplane import ControlPlane
+from devkit.disks import disks
+from devkit.remediation import (
+    ACCOUNT,
+    NAMESPACE,
+    RBAC_KINDS,
+    STS,
+    TEMPLATE,
+    Controller,
+    Scenario,
+    api_get,
+    claim_uid,
+    items,
+    lost_by_deletion,
+    make_scenario,
+    out_of_service,
+    running,
+    settle,
+    shut_down,
+    statefulset,
+    teardown,
 )
-from tests.harness import process
-from tests.harness.controlplane import KWOK_NODE_ANNOTATION, ControlPlane
-
-ACCOUNT = "localpv-agent-remediate"
-NAMESPACE = "localpv-agent"
-RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
-OOS = "node.kubernetes.io/out-of-service"
-STS = "web"
-TEMPLATE = "data"
-FAST = ("--lease-duration", "4", "--renew-deadline", "3", "--retry-period", "1",
-        "--stale-pv-discovery-interval", "1")
-METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? ([^ ]+)$", re.M)
-
 
 # -- the controller --------------------------------------------------------------------------------
 
@@ -61,74 +58,6 @@ def remediate_kubeconfig(cluster: ControlPlane, agent_kubeconfig: Path,
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
     return write_token_kubeconfig(cluster, tmp_path_factory.mktemp("remediate") / "kubeconfig",
                                   account=ACCOUNT, namespace=NAMESPACE)
-
-
-class Controller:
-    """`localpv-agent remediate` as a process, logging to a file, with a random HTTP port."""
-
-    def __init__(self, kubeconfig: Path, workdir: Path, *args: str, name: str = "a") -> None:
-        self.name = name
-        self.args = (*FAST, *args)
-        self.kubeconfig = kubeconfig
-        self.log_path = workdir / f"remediate-{name}-{time.monotonic_ns()}.log"
-        self.port_file = workdir / f"remediate-{name}.port"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Controller:
-        self.port_file.unlink(missing_ok=True)
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent.cli", "remediate", "--kubeconfig",
-                 str(self.kubeconfig), "--id", self.name, "--lease-namespace", NAMESPACE,
-                 "--listen-address", "127.0.0.1:0", "--port-file", str(self.port_file),
-                 *self.args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def metrics(self) -> dict[str, float]:
-        import urllib.request  # noqa: PLC0415
-
-        port = wait_for(lambda: self.port_file.exists() and self.port_file.read_text().strip(),
-                        30, f"controller {self.name} port", on_timeout=self.log)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            text = r.read().decode()
-        return {m[1] + (m[2] or ""): float(m[3]) for m in METRIC.finditer(text)}
-
-    def metric(self, name: str, **labels: str) -> float:
-        key = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
-                      if labels else "")
-        return self.metrics().get(key, 0.0)
-
-    def passes(self) -> float:
-        return self.metric("localpv_agent_remediation_passes_total")
-
-    def leader(self) -> bool:
-        return self.alive() and self.metric("localpv_agent_remediation_leader") == 1.0
-
-    def wait_leader(self, timeout: float = 30) -> None:
-        wait_for(self.leader, timeout, f"controller {self.name} leading", on_timeout=self.log)
-
-    def wait_passes(self, count: int = 3, timeout: float = 60) -> None:
-        """Evidence that the controller looked again, `count` more times, at what is now."""
-        start = self.passes()
-        wait_for(lambda: self.passes() >= start + count, timeout,
-                 f"{count} passes of controller {self.name}", on_timeout=self.log)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.alive():
-            assert self.proc is not None
-            process.stop(self.proc, timeout=15)
-
-    def kill(self) -> None:
-        if self.alive():
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
 
 
 @pytest.fixture
@@ -152,42 +81,6 @@ def start(started: list[Controller], kubeconfig: Path, workdir: Path, *args: str
 # -- a StatefulSet on KWOK nodes -------------------------------------------------------------------
 
 
-@dataclass
-class Scenario:
-    """A StorageClass, nodes with one PV each (the agent's shape), a namespace with a
-    StatefulSet `web` whose claims `data-web-<i>` use that class."""
-
-    name: str
-    nodes: list[str]
-    replicas: int
-    cls: str = ""
-    made_nodes: set[str] = field(default_factory=set)
-
-    @property
-    def ns(self) -> str:
-        return self.name
-
-
-def api_get(cluster: ControlPlane, path: str) -> dict[str, Any] | None:
-    """GET as admin: the object, or None when it does not exist. A loaded machine sometimes
-    drops a request (status 0) or the apiserver answers 5xx: asked again, never read as gone."""
-    deadline = time.monotonic() + 30
-    while True:
-        status, body = cluster.api("GET", path)
-        if status == 200 and isinstance(body, dict):
-            return body
-        if status == 404:
-            return None
-        assert time.monotonic() < deadline, f"GET {path}: HTTP {status}: {body}"
-        time.sleep(0.5)
-
-
-def items(cluster: ControlPlane, path: str) -> list[dict[str, Any]]:
-    body = api_get(cluster, path)
-    assert body is not None, path
-    return list(body.get("items") or [])
-
-
 def events_for(cluster: ControlPlane, kind: str, name: str) -> list[dict[str, Any]]:
     return [e for e in items(cluster, "/api/v1/events")
             if e["involvedObject"].get("kind") == kind and e["involvedObject"]["name"] == name]
@@ -199,107 +92,6 @@ def pvs_of(cluster: ControlPlane, node: str) -> list[dict[str, Any]]:
             if node in {v for t in pv["spec"].get("nodeAffinity", {}).get("required", {}).get(
                 "nodeSelectorTerms", []) for e in t.get("matchExpressions", [])
                 for v in e["values"]}]
-
-
-def kubectl_json(cluster: ControlPlane, *args: str) -> Any:
-    return json.loads(cluster.kubectl(*args, "-o", "json").stdout)
-
-
-def node_uid(cluster: ControlPlane, node: str) -> str:
-    body = api_get(cluster, f"/api/v1/nodes/{node}")
-    assert body is not None, node
-    return str(body["metadata"]["uid"])
-
-
-def agent_shaped_pv(cluster: ControlPlane, node: str, cls: str, entry: str = "disk") -> dict[str,
-                                                                                             Any]:
-    """The PV the agent writes for `entry` on `node` (name, labels, annotation, affinity)."""
-    return {
-        "apiVersion": "v1", "kind": "PersistentVolume",
-        "metadata": {
-            "name": pv_name(entry, node, cls),
-            "labels": {"kubernetes.io/hostname": node,
-                       "app.kubernetes.io/managed-by": "localpv-agent"},
-            "annotations": {"pv.kubernetes.io/provisioned-by":
-                            f"local-volume-provisioner-{node}-{node_uid(cluster, node)}"},
-        },
-        "spec": {
-            "capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
-            "persistentVolumeReclaimPolicy": "Delete", "storageClassName": cls,
-            "volumeMode": "Filesystem", "local": {"path": f"/mnt/disks/{entry}"},
-            "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
-                {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}]}},
-        },
-    }
-
-
-def statefulset(s: Scenario, tolerations: Sequence[dict[str, Any]] = (),
-                storage: str = "1Gi") -> dict[str, Any]:
-    labels = {"app": STS}
-    return {
-        "apiVersion": "apps/v1", "kind": "StatefulSet",
-        "metadata": {"name": STS, "namespace": s.ns},
-        "spec": {
-            "serviceName": STS, "replicas": s.replicas, "podManagementPolicy": "Parallel",
-            "selector": {"matchLabels": labels},
-            "template": {"metadata": {"labels": labels}, "spec": {
-                "containers": [{"name": "app", "image": "registry.invalid/app:1",
-                                "volumeMounts": [{"name": TEMPLATE, "mountPath": "/data"}]}],
-                "tolerations": list(tolerations),
-            }},
-            "volumeClaimTemplates": [{"metadata": {"name": TEMPLATE}, "spec": {
-                "storageClassName": s.cls, "accessModes": ["ReadWriteOnce"],
-                "resources": {"requests": {"storage": storage}}}}],
-        },
-    }
-
-
-def make_scenario(cluster: ControlPlane, name: str, nodes: int, replicas: int,
-                  tolerations: Sequence[dict[str, Any]] = (), pvs: bool = True) -> Scenario:
-    s = Scenario(name, [f"{name}-{i}" for i in range(1, nodes + 1)], replicas, cls=f"sc-{name}")
-    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([
-        {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
-         "metadata": {"name": s.cls}, "provisioner": "kubernetes.io/no-provisioner",
-         "volumeBindingMode": "WaitForFirstConsumer", "reclaimPolicy": "Delete"},
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": s.ns}}]))
-    for node in s.nodes:
-        cluster.add_node(node)
-        s.made_nodes.add(node)
-        if pvs:
-            status, body = cluster.api("POST", "/api/v1/persistentvolumes",
-                                       agent_shaped_pv(cluster, node, s.cls))
-            assert status == 201, body
-    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(statefulset(s, tolerations)))
-    return s
-
-
-def running(cluster: ControlPlane, s: Scenario) -> dict[str, dict[str, str]]:
-    """Replica -> its pod's uid and node, its claim's uid and PV: running pods whose claim is
-    bound, only."""
-    claims = {c["metadata"]["name"]: c for c in
-              items(cluster, f"/api/v1/namespaces/{s.ns}/persistentvolumeclaims")}
-    found = {}
-    for pod in items(cluster, f"/api/v1/namespaces/{s.ns}/pods"):
-        meta = pod["metadata"]
-        claim = claims.get(f"{TEMPLATE}-{meta['name']}")
-        if pod["status"].get("phase") != "Running" or meta.get("deletionTimestamp") \
-                or claim is None or claim["status"].get("phase") != "Bound":
-            continue
-        found[meta["name"]] = {"pod": meta["uid"], "node": pod["spec"]["nodeName"],
-                               "claim": claim["metadata"]["uid"],
-                               "pv": claim["spec"]["volumeName"]}
-    return found
-
-
-def settle(cluster: ControlPlane, s: Scenario) -> dict[str, dict[str, str]]:
-    return wait_for(lambda: len(r := running(cluster, s)) == s.replicas and r, 120,
-                    f"{s.replicas} replicas of {s.name} running on their PVs")
-
-
-def claim_uid(cluster: ControlPlane, s: Scenario, replica: str) -> str | None:
-    body = api_get(cluster, f"/api/v1/namespaces/{s.ns}/persistentvolumeclaims/"
-                            f"{TEMPLATE}-{replica}")
-    return str(body["metadata"]["uid"]) if body is not None else None
 
 
 def pv_exists(cluster: ControlPlane, name: str) -> bool:
@@ -330,19 +122,6 @@ def remediation_events(cluster: ControlPlane, s: Scenario) -> list[dict[str, Any
             if e.get("source", {}).get("component") == "localpv-agent"]
 
 
-def teardown(cluster: ControlPlane, s: Scenario) -> None:
-    cluster.kubectl("delete", "statefulset", STS, "-n", s.ns, "--wait=false", check=False)
-    cluster.kubectl("delete", "pods", "--all", "-n", s.ns, "--grace-period=0", "--force",
-                    check=False)
-    cluster.kubectl("delete", "namespace", s.ns, "--wait=false", check=False)
-    for pv in items(cluster, "/api/v1/persistentvolumes"):
-        if pv["spec"].get("storageClassName") == s.cls:
-            cluster.kubectl("delete", "pv", pv["metadata"]["name"], "--wait=false", check=False)
-    for node in sorted(s.made_nodes):
-        cluster.kubectl("delete", "node", node, "--wait=false", check=False)
-    cluster.kubectl("delete", "storageclass", s.cls, "--wait=false", check=False)
-
-
 @pytest.fixture
 def scenarios(cluster: ControlPlane) -> Iterator[list[Scenario]]:
     made: list[Scenario] = []
@@ -352,33 +131,6 @@ def scenarios(cluster: ControlPlane) -> Iterator[list[Scenario]]:
 
 
 # -- losing a node, the ways it happens ------------------------------------------------------------
-
-
-def shut_down(cluster: ControlPlane, node: str) -> None:
-    """The node's kubelet is gone: the Node object stays, without KWOK behind it (made anew
-    without KWOK's annotation), and reports NotReady. Its pods stay as they were."""
-    obj = kubectl_json(cluster, "get", "node", node)
-    labels = obj["metadata"]["labels"]
-    cluster.kubectl("delete", "node", node, "--wait=true")
-    status, body = cluster.api("POST", "/api/v1/nodes", {
-        "apiVersion": "v1", "kind": "Node", "metadata": {"name": node, "labels": labels}})
-    assert status == 201, body
-    assert KWOK_NODE_ANNOTATION not in (body["metadata"].get("annotations") or {})
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    cluster.kubectl("patch", "node", node, "--subresource=status", "--type=merge", "-p",
-                    json.dumps({"status": {"conditions": [{
-                        "type": "Ready", "status": "False", "reason": "KubeletDown",
-                        "message": "shut down by the test", "lastHeartbeatTime": now,
-                        "lastTransitionTime": now}]}}))
-    wait_for(lambda: not cluster.node_ready(node), 30, f"{node} NotReady")
-
-
-def out_of_service(cluster: ControlPlane, node: str) -> None:
-    cluster.kubectl("taint", "nodes", node, f"{OOS}=nodeshutdown:NoExecute")
-
-
-def lost_by_deletion(cluster: ControlPlane, node: str) -> None:
-    cluster.kubectl("delete", "node", node, "--wait=true")
 
 
 # -- the tests -------------------------------------------------------------------------------------
@@ -452,9 +204,10 @@ def test_not_ready_alone_does_nothing_unless_enabled(
     wait_for(lambda: ((api_get(cluster, pod) or {}).get("metadata") or {}).get(
         "deletionTimestamp"), 60,
              "web-2 evicted, stuck terminating on the NotReady node")
-    wait_for(lambda: "not-ready trigger is off" in off.log(), 30, "the controller's verdict",
-             on_timeout=off.log)
+    wait_for(lambda: off.metric("localpv_agent_unavailable_nodes") == 1, 30,
+             "the controller counting the node down", on_timeout=off.log)
     off.wait_passes(3)
+    assert off.metric("localpv_agent_lost_nodes") == 0  # down, but the trigger is off
     assert claim_uid(cluster, s, "web-2") == victim["claim"]
     assert remediation_events(cluster, s) == []
     off.stop()
@@ -487,10 +240,10 @@ def test_node_back_within_the_delay_cancels(
     victim = before["web-1"]
     gone_at = time.monotonic()
     lost_by_deletion(cluster, victim["node"])
-    wait_for(lambda: f"node {victim['node']}: waiting" in c.log(), 30, "the wait logged",
+    wait_for(lambda: c.metric("localpv_agent_unavailable_nodes") == 1, 30, "the loss seen",
              on_timeout=c.log)
     cluster.add_node(victim["node"])  # back (a new Node object, KWOK behind it again)
-    wait_for(lambda: f"node {victim['node']}: healthy" in c.log(), 30, "the return seen",
+    wait_for(lambda: c.metric("localpv_agent_unavailable_nodes") == 0, 30, "the return seen",
              on_timeout=c.log)
     wait_for(lambda: time.monotonic() > gone_at + delay + 2, delay + 10, "the delay over",
              interval=0.5)
@@ -619,7 +372,8 @@ def test_two_replicas_one_leader_and_the_standby_takes_over(
     actors = {e["reportingInstance"] for e in remediation_events(cluster, s)
               if e["reason"] == "ClaimRemediated"}
     assert actors == {leader.name}
-    assert "Deleted claim" in leader.log() and "Deleted claim" not in standby.log()
+    assert [c.metric("localpv_agent_remediations_total", result="claim_deleted")
+            for c in (leader, standby)] == [1, 0]
 
     lease = f"/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases/{ACCOUNT}"
     killed_at = time.monotonic()
@@ -753,8 +507,7 @@ def test_node_back_with_the_same_disk_gets_exactly_one_pv(
             wait_for(lambda: [p for p in pvs_of(cluster, lost)
                               if p.get("status", {}).get("phase") == "Available"], 60,
                      f"{lost}'s disk offered again", on_timeout=agents[lost].log)
-            passes = agent_passes(agents[lost])
-            wait_for(lambda: agent_passes(agents[lost]) >= passes + 2, 30, "two more passes")
+            agents[lost].wait_passes(2)
             assert [p["metadata"]["name"] for p in pvs_of(cluster, lost)] == [
                 pv_name("vol", lost, s.cls)]
             assert not data.exists()  # cleaned by its own agent before it was offered
@@ -770,9 +523,3 @@ def agent_ready(agent: Agent) -> None:
              f"agent {agent.node} listening", on_timeout=agent.log)
     agent.wait_ready(60)
 
-
-def agent_passes(agent: Agent) -> float:
-    status, text = agent.get("/metrics")
-    found = re.search(r"^localpv_agent_discovery_pass_duration_seconds_count ([0-9.e+]+)$",
-                      text, re.M)
-    return float(found.group(1)) if status == 200 and found else 0.0

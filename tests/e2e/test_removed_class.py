@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from agent.volumes import pv_name
-from tests.disks import disks
-from tests.e2e.agents import Agent, events_for, node_for_test, pvs_of, wait_for
-from tests.harness.controlplane import ControlPlane
+from devkit.agents import Agent, events_for, node_for_test, pvs_of, wait_for
+from devkit.controlplane import ControlPlane
+from devkit.disks import disks
 
 KEPT, REMOVED = "local-storage", "e2e-removed-class"
 REACT = 30.0

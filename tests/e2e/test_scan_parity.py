@@ -17,9 +17,9 @@ from typing import Any
 
 import yaml
 
-from tests.disks import disks
-from tests.e2e.agents import REPO, Agent, pvs_of, wait_for
-from tests.harness.controlplane import ControlPlane
+from devkit.agents import REPO, Agent, pvs_of, wait_for
+from devkit.controlplane import ControlPlane
+from devkit.disks import disks
 
 ZONE = "topology.kubernetes.io/zone"
 SC = "scan-parity"

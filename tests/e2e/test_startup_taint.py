@@ -21,8 +21,7 @@ import pytest
 import yaml
 
 from agent.kube import Kube
-from tests.disks import disks
-from tests.e2e.agents import (
+from devkit.agents import (
     Agent,
     class_config,
     node_for_test,
@@ -30,7 +29,8 @@ from tests.e2e.agents import (
     wait_for,
     write_token_kubeconfig,
 )
-from tests.harness.controlplane import ControlPlane
+from devkit.controlplane import ControlPlane
+from devkit.disks import disks
 
 TAINT = "localpv-agent.io/not-ready"
 ACCOUNT = "localpv-agent-taint"

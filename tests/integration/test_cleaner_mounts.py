@@ -54,7 +54,7 @@ def test_block_cleaner_refuses_a_device_mounted_in_another_namespace(tmp_path: P
     import threading  # noqa: PLC0415
 
     from agent.cleaner import Cleaner, CleanJob  # noqa: PLC0415
-    from tests.disks import disks  # noqa: PLC0415
+    from devkit.disks import disks  # noqa: PLC0415
 
     require(os.geteuid() == 0, "loop devices and namespaces need root")
     with disks(tmp_path) as d:
@@ -103,7 +103,7 @@ def test_a_queued_clean_finds_the_replacement_disk_and_touches_nothing(tmp_path:
     import threading  # noqa: PLC0415
 
     from agent.cleaner import Cleaner, CleanJob  # noqa: PLC0415
-    from tests.disks import disks, sh  # noqa: PLC0415
+    from devkit.disks import disks, sh  # noqa: PLC0415
 
     with disks(tmp_path) as d:
         device = d.loop("vol", fs="ext4")

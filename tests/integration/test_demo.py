@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from devkit.disks import can_make_disks, sh
 from tests.conftest import require
-from tests.disks import can_make_disks, sh
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from agent.cleaner import Cleaner, CleanJob, CleanOutcome
 from agent.config import parse_config
 from agent.host import HostReader
+from devkit.disks import Disks, disks, sh
 from tests.conftest import require
-from tests.disks import Disks, disks, sh
 
 
 def _clean(mount: Path, mount_dir: Path, devno: str, identity: dict[str, str],

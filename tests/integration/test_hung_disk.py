@@ -19,9 +19,9 @@ import pytest
 from agent.config import Config, parse_config
 from agent.discovery import HostView, Reason, VolumeState, discover
 from agent.host import HostReader
+from devkit.disks import Disks, can_make_disks, disks
+from devkit.hungfs import HungMount, can_hang
 from tests.conftest import require
-from tests.disks import Disks, can_make_disks, disks
-from tests.harness.hungfs import HungMount, can_hang
 
 TIMEOUT = 2.0
 

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from agent.volumes import pv_name
+from devkit.disks import can_make_disks, disks, sh
 from tests.conftest import require
-from tests.disks import can_make_disks, disks, sh
 
 NODE, UID = "node-a", "0f0e-uid"
 EXCLUDED_LINE = re.compile(r"^excluded: (.+?) \(.*\): ([a-z_]+): .+$")

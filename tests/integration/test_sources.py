@@ -8,8 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.sources import InotifySource, MountTableSource, Waker
+from devkit.disks import can_make_disks, disks
 from tests.conftest import require
-from tests.disks import can_make_disks, disks
 
 MAX_QUEUED = Path("/proc/sys/fs/inotify/max_queued_events")
 

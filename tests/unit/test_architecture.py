@@ -1,4 +1,5 @@
-"""What import-linter cannot see: pure modules read no files and call no `os` I/O either.
+"""What import-linter cannot see: pure modules read no files and call no `os` I/O either;
+scripts and benchmarks (not packages) import no `tests` and patch no `sys.path`.
 
 The pure modules are the "Pure modules do no I/O" contract of pyproject.toml, which must list
 exactly the "pure core" rows of docs/architecture.md.
@@ -51,3 +52,32 @@ def test_the_pure_contract_is_the_pure_core_of_the_architecture_doc() -> None:
     documented = {f"agent.{name}" for row in rows
                   for name in re.findall(r"`(\w+)`", row.split("|")[2])}
     assert documented == set(pure_modules())
+
+
+def outside_tests() -> list[Path]:
+    """Python code outside tests/ that is not the agent: devkit, benchmarks, Python scripts."""
+    scripts = [p for p in sorted((REPO / "scripts").iterdir()) if p.is_file()
+               and (p.suffix == ".py" or p.read_bytes().startswith(b"#!/usr/bin/env python"))]
+    return [*sorted((REPO / "devkit").rglob("*.py")), *sorted((REPO / "benchmarks").rglob("*.py")),
+            *scripts]
+
+
+@pytest.mark.parametrize("path", outside_tests(), ids=lambda p: str(p.relative_to(REPO)))
+def test_code_outside_tests_imports_devkit_not_tests(path: Path) -> None:
+    """Scripts and benchmarks import the development kit like any package: no `tests`, no
+    `sys.path` edits (import-linter checks devkit itself too; scripts are not packages)."""
+    problems = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+        problems += [f"line {node.lineno}: imports {n}" for n in names
+                     if n == "tests" or n.startswith("tests.")]
+        if isinstance(node, ast.Attribute) and node.attr == "path" and \
+                isinstance(node.value, ast.Name) and node.value.id == "sys":
+            problems.append(f"line {node.lineno}: sys.path")
+    assert problems == [], f"{path.relative_to(REPO)}: {problems}"
+
+
+def test_the_scripts_and_benchmarks_are_all_checked() -> None:
+    checked = {p.relative_to(REPO).as_posix() for p in outside_tests()}
+    assert {"scripts/demo", "benchmarks/remediate.py", "devkit/agents.py"} <= checked

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -14,12 +15,16 @@ from typing import Any, TypeVar
 
 import yaml
 
-from tests.harness import process
-from tests.harness.controlplane import ControlPlane
+from devkit import REPO, process
+from devkit.controlplane import ControlPlane
 
-REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
+
+# Passes completed: the count of the pass-duration histogram (agent/metrics.py).
+PASSES = "localpv_agent_discovery_pass_duration_seconds_count"
+SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)", re.M)
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 AGENT_KINDS = {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role",
                "RoleBinding", "StorageClass"}
@@ -110,11 +115,21 @@ class Agent:
                  "--node-name", self.node, "--kubeconfig", str(self.kubeconfig),
                  "--listen-address", "127.0.0.1:0", "--port-file", str(self.port_file),
                  "--resync-period", "3600",
-                 "--state-dir", str(self.workdir / f"state-{self.node}"), *self.extra],
+                 "--state-dir", str(self.state_dir), *self.extra],
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                 env={k: v for k, v in os.environ.items() if k != "MY_NODE_NAME"},
             )
         return self
+
+    @property
+    def state_dir(self) -> Path:
+        """Its --state-dir (unless `extra` names another)."""
+        return self.workdir / f"state-{self.node}"
+
+    def dirty_paths(self) -> set[str]:
+        """Volumes it recorded as holding a tenant's data (its records in the state dir)."""
+        return {str(json.loads(f.read_text())["path"])
+                for f in (self.state_dir / "dirty").glob("*.json")}
 
     @property
     def port(self) -> int:
@@ -127,6 +142,42 @@ class Agent:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as err:
             return err.code, err.read().decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the series of `name` carrying `labels` (0 when there is none)."""
+        status, text = self.get("/metrics")
+        assert status == 200, f"/metrics answered {status}: {text[:500]}"
+        return metric_sum(text, name, **labels)
+
+    def passes(self) -> float:
+        """Discovery passes completed (failed passes are not counted)."""
+        return self.metric(PASSES)
+
+    def wait_passes(self, count: int = 2, timeout: float = 60) -> None:
+        """Wait until `count` more passes have completed, each asked for by a wake-up that
+        changes nothing (the discovery dirs' times touched), so a long resync period does not
+        matter. Called after an action, 2 passes mean one pass began after it: a check that
+        something did NOT happen is then made on what the agent saw, not after a guessed sleep.
+        """
+        target = self.passes()
+        for done in range(1, count + 1):
+            target += 1
+            self.poke()
+            wait_for(lambda: self.passes() >= target, timeout,  # noqa: B023 (waited for here)
+                     f"pass {done} of {count} of agent {self.node}", on_timeout=self.log)
+
+    def poke(self) -> None:
+        """Wake the agent without changing what it sees: touch each discovery dir of its
+        config (an inotify IN_ATTRIB on the dir; in poll mode passes come anyway)."""
+        if self.config.is_dir():  # a mounted ConfigMap: a file per key
+            key = self.config / "storageClassMap"
+            classes = yaml.safe_load(key.read_text()) if key.exists() else {}
+        else:
+            classes = (yaml.safe_load(self.config.read_text()) or {}).get("storageClassMap")
+        for cls in (classes or {}).values():
+            mount_dir = Path(cls.get("mountDir", ""))
+            if mount_dir.is_dir():
+                os.utime(mount_dir)
 
     def wait_ready(self, timeout: float = 90) -> None:
         wait_for(lambda: self.get("/ready")[0] == 200, timeout, f"agent {self.node} ready",
@@ -159,6 +210,18 @@ def wait_for(check: Callable[[], T], timeout: float, what: str,
             extra = f"\n{on_timeout()}" if on_timeout else ""
             raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
         time.sleep(interval)
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """In Prometheus text `text`: the sum of the samples of `name` that carry `labels`."""
+    total = 0.0
+    for found in SAMPLE.finditer(text):
+        if found[1] != name:
+            continue
+        have = dict(LABEL.findall(found[2] or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(found[3])
+    return total
 
 
 def items(cluster: ControlPlane, path: str) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from tests.harness import process
+from devkit import process
 
 
 def binary() -> str | None:
@@ -61,7 +61,7 @@ class Prometheus:
     def _ready(self) -> bool:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=2) as r:
-                return r.status == 200
+                return bool(r.status == 200)
         except OSError:
             return False
 

@@ -7,7 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.harness import process
+from devkit import process
 
 CANDIDATES = ("/lib/systemd/systemd-udevd", "/usr/lib/systemd/systemd-udevd")
 
