@@ -160,7 +160,7 @@ def _settings(args: argparse.Namespace, resync: float | None) -> RunSettings:
         poll_period=args.discovery_period if poll else None,
         withdraw_missing=args.withdraw_missing, clean_stale_after=args.clean_stale_after,
         clean_retry_base=args.clean_retry_base, config_path=args.config,
-        job_image=args.job_image, namespace=args.namespace)
+        job_image=args.job_image, namespace=args.namespace, debounce=args.debounce)
 
 
 def _run_until_stopped(reconciler: Reconciler) -> None:
@@ -231,7 +231,9 @@ def _start_sources(reconciler: Reconciler, args: argparse.Namespace) -> None:
     waker, stop = reconciler.waker, reconciler.stop
     sources = [
         UdevSource(waker, stop, receive_buffer=args.udev_buffer_size),
-        MountTableSource(waker, stop, args.mountinfo),
+        MountTableSource(waker, stop, args.mountinfo, dirs=(lambda: [
+            p for c in reconciler.config.classes for p in (c.host_dir, c.mount_dir)])
+            if args.mount_filter else None),
         InotifySource(waker, stop, lambda: [os.path.realpath(c.mount_dir)
                                             for c in reconciler.config.classes]),
     ]
@@ -413,6 +415,11 @@ def _parser() -> argparse.ArgumentParser:
                        default=True,
                        help="delete an unbound PV whose disk is gone (default: on)")
     run_p.add_argument("--udev-buffer-size", type=int, default=None, help=argparse.SUPPRESS)
+    # Baselines for benchmarks/discovery_latency.py: the former trailing 0.2 s debounce, and
+    # a pass for every mount-table change on the host.
+    run_p.add_argument("--debounce", type=float, default=0.0, help=argparse.SUPPRESS)
+    run_p.add_argument("--mount-filter", action=argparse.BooleanOptionalAction, default=True,
+                       help=argparse.SUPPRESS)
     run_p.add_argument("--state-dir", default="/var/lib/localpv-agent",
                        help="host dir remembering volumes not cleaned yet (default: %(default)s)")
     run_p.add_argument("--clean-concurrency", type=int, default=2,
