@@ -229,11 +229,15 @@ def _start_sources(reconciler: Reconciler, args: argparse.Namespace) -> None:
         log.info("discovery: polling every %gs", args.discovery_period)
         return
     waker, stop = reconciler.waker, reconciler.stop
+
+    def dirs() -> list[str]:  # where discovery looks: wake-ups elsewhere cost no pass
+        return [p for c in reconciler.config.classes for p in (c.host_dir, c.mount_dir)]
+
+    wanted = dirs if args.wake_filter else None
     sources = [
-        UdevSource(waker, stop, receive_buffer=args.udev_buffer_size),
-        MountTableSource(waker, stop, args.mountinfo, dirs=(lambda: [
-            p for c in reconciler.config.classes for p in (c.host_dir, c.mount_dir)])
-            if args.mount_filter else None),
+        UdevSource(waker, stop, receive_buffer=args.udev_buffer_size, dirs=wanted,
+                   mountinfo=args.mountinfo),
+        MountTableSource(waker, stop, args.mountinfo, dirs=wanted),
         InotifySource(waker, stop, lambda: [os.path.realpath(c.mount_dir)
                                             for c in reconciler.config.classes]),
     ]
@@ -416,9 +420,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="delete an unbound PV whose disk is gone (default: on)")
     run_p.add_argument("--udev-buffer-size", type=int, default=None, help=argparse.SUPPRESS)
     # Baselines for benchmarks/discovery_latency.py: the former trailing 0.2 s debounce, and
-    # a pass for every mount-table change on the host.
+    # a pass for every mount-table change and udev event on the host.
     run_p.add_argument("--debounce", type=float, default=0.0, help=argparse.SUPPRESS)
-    run_p.add_argument("--mount-filter", action=argparse.BooleanOptionalAction, default=True,
+    run_p.add_argument("--wake-filter", action=argparse.BooleanOptionalAction, default=True,
                        help=argparse.SUPPRESS)
     run_p.add_argument("--state-dir", default="/var/lib/localpv-agent",
                        help="host dir remembering volumes not cleaned yet (default: %(default)s)")

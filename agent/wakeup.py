@@ -138,3 +138,35 @@ class MountFilter:
         except (ValueError, IndexError):
             return True
         return source.startswith(b"/dev/")
+
+
+def mounts_within(table: bytes, dirs: Iterable[str]) -> list[tuple[str, str]]:
+    """(device "major:minor", source) of each mount on or under one of `dirs`."""
+    prefixes = tuple({escape_mount_path(d).rstrip(b"/") + b"/" for d in dirs})
+    exact = {escape_mount_path(d) for d in dirs}
+    found = []
+    for line in table.split(b"\n"):
+        fields = line.split(b" ")
+        if len(fields) < 5 or not (fields[4] in exact or fields[4].startswith(prefixes)):
+            continue
+        try:
+            source = fields[fields.index(b"-", 6) + 2].decode("utf-8", "surrogateescape")
+        except (ValueError, IndexError):
+            source = ""
+        found.append((fields[2].decode(), source))
+    return found
+
+
+class DeviceInterest:
+    """The block devices ("major:minor") a udev event must concern to matter to discovery:
+    those mounted in the discovery directories and those their entries point to, with their
+    whole disks. `everything` when an entry cannot be pinned to a device (a dangling
+    symlink, which a new device may complete)."""
+
+    def __init__(self, devices: Iterable[str] = (), everything: bool = False) -> None:
+        self.devices = frozenset(devices)
+        self.everything = everything
+
+    def matters(self, event_devices: Iterable[str]) -> bool:
+        """`event_devices`: the event's device and its parents (a partition's disk)."""
+        return self.everything or not self.devices.isdisjoint(event_devices)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import pyudev
 import yaml
 
 from agent.config import load_config
@@ -16,6 +17,7 @@ from agent.host import HostReader
 from agent.loop import Reconciler
 from agent.settings import RunSettings
 from agent.sources import InotifySource, MountTableSource, Waker
+from agent.udev import UdevSource, _numbers
 from agent.volumes import pv_name
 from tests.conftest import require
 from tests.disks import can_make_disks, disks
@@ -151,7 +153,7 @@ def test_mounts_outside_the_discovery_dir_cost_no_pass(tmp_path: Path) -> None:
 
 
 def test_without_the_filter_every_mount_change_wakes(tmp_path: Path) -> None:
-    """The benchmark's baseline (--no-mount-filter): a mount anywhere wakes the loop."""
+    """The benchmark's baseline (--no-wake-filter): a mount anywhere wakes the loop."""
     ok, why = can_make_disks()
     require(ok, why)
     waker, stop = Waker(threading.Event()), threading.Event()
@@ -167,3 +169,31 @@ def test_without_the_filter_every_mount_change_wakes(tmp_path: Path) -> None:
             stop.set()
 
     assert in_private_mount_namespace(scenario)
+
+
+def test_udev_interest_covers_the_devices_of_the_discovery_dirs(tmp_path: Path) -> None:
+    """What a udev event must touch to wake the loop, read from real devices and mounts."""
+    ok, why = can_make_disks()
+    require(ok, why)
+    disc = tmp_path / "disks"
+    disc.mkdir()
+    stop = threading.Event()
+
+    def numbers(device: str) -> list[str]:
+        return _numbers(pyudev.Devices.from_device_file(pyudev.Context(), device))
+
+    def scenario() -> None:
+        source = UdevSource(Waker(threading.Event()), stop, dirs=lambda: [str(disc)],
+                            mountinfo=MOUNTINFO)
+        with disks(tmp_path) as d:
+            raw, mounted, other = d.loop("raw"), d.loop("fs", fs="ext4"), d.loop("other")
+            (disc / "raw").symlink_to(raw)
+            d.mount(mounted, disc / "fs")
+            interest = source.interest()
+            assert not interest.everything
+            assert interest.matters(numbers(raw)) and interest.matters(numbers(mounted))
+            assert not interest.matters(numbers(other))  # a device discovery cannot see
+            (disc / "gone").symlink_to("/dev/no-such-disk")  # a new device may complete it
+            assert source.interest().matters(numbers(other))
+
+    in_private_mount_namespace(scenario)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import threading
 
 from agent.sources import Waker
-from agent.wakeup import INF, MountFilter, PassSchedule, escape_mount_path
+from agent.wakeup import (
+    INF,
+    DeviceInterest,
+    MountFilter,
+    PassSchedule,
+    escape_mount_path,
+    mounts_within,
+)
 
 
 class Clock:
@@ -216,3 +223,22 @@ def test_escaped_paths_and_new_dirs() -> None:
 def test_a_line_the_filter_does_not_understand_matters() -> None:
     mounts = baseline()
     assert mounts.changed(table(b"garbage"), DIRS)
+
+
+# -- udev events -------------------------------------------------------------------------------
+
+
+def test_mounts_within_finds_the_devices_mounted_in_discovery_dirs() -> None:
+    text = table(line(40, "/mnt/disks/a", device="7:3", fs="ext4", source="/dev/loop3"),
+                 line(41, "/mnt/disks", device="0:60", fs="btrfs", source="/dev/sdc"),
+                 line(42, "/srv/x", device="8:1", fs="ext4", source="/dev/sda1"))
+    assert mounts_within(text, ["/mnt/disks/"]) == [("7:3", "/dev/loop3"), ("0:60", "/dev/sdc")]
+
+
+def test_a_udev_event_matters_when_it_touches_a_device_of_interest() -> None:
+    interest = DeviceInterest({"7:3", "8:16"})
+    assert interest.matters(["7:3"])
+    assert interest.matters(["8:17", "8:16"])  # a partition of a disk in a discovery dir
+    assert not interest.matters(["259:0"])  # a volume attached for a pod
+    assert not interest.matters([])
+    assert DeviceInterest(everything=True).matters(["259:0"])  # a dangling link somewhere
