@@ -124,8 +124,9 @@ class Reconciler:
         self.hooks = hooks = hooks or Hooks()
         self.stop = threading.Event()
         self.wake = threading.Event()
-        self.waker = Waker(self.wake, PassSchedule(settings.debounce, settings.pass_burst,
-                                                   settings.pass_rate))
+        self.waker = Waker(self.wake, PassSchedule(
+            settings.debounce, settings.pass_burst, settings.pass_rate,
+            settle={"inotify": settings.entry_settle}))
         self.cache = PVCache()
         self.events = EventRecorder(kube, lambda: self.ctx.node)
         self.ctx = Context(kube, PVStore(kube, self.cache, self.wake.set), self.events,

@@ -53,7 +53,7 @@ class Waker:
             self.wakeups[source] += 1
             if self.first_wake is None:
                 self.first_wake = time.monotonic()
-            self.schedule.woken()
+            self.schedule.woken(source)
             self.event.set()
 
     def failed(self, source: str, why: str) -> None:

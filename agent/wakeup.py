@@ -1,4 +1,4 @@
-"""When a wake-up starts a pass, and which mount-table changes are worth one.
+"""When a wake-up starts a pass, and which mount-table changes and udev events are worth one.
 
 Pure: the loop and the sources feed these the time and what they read.
 
@@ -8,17 +8,20 @@ one follow-up pass due, since the follow-up reads the whole host again and so se
 A pass serves every wake-up that arrived before it started, never one after: none is lost.
 A token bucket (`burst` passes at once, then `rate` a second) keeps a source that never stops
 from turning into back-to-back passes; `debounce` > 0 gives the former trailing behaviour
-(a pass `debounce` seconds after the first wake-up of a burst).
+(a pass `debounce` seconds after the first wake-up of a burst). A new directory entry
+(inotify) is usually half of a change, the mount on it follows: its wake-up `settle`s a moment
+first, so that the pass does not report a plain directory the user is about to mount on.
 
 `MountFilter` keeps the agent idle while the host mounts and unmounts things elsewhere all
 day (a kubelet mounts every pod's secrets and tokens): of each new mount table it compares
-only the lines that can change what discovery sees with the previous table.
+only the lines that can change what discovery sees with the previous table. Likewise
+`DeviceInterest` says which block devices a udev event must concern to be worth a pass.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from agent.discovery import SYSTEM_MOUNT_POINTS
 
@@ -28,20 +31,28 @@ INF = float("inf")
 class PassSchedule:
     """Decides when the next pass is due from the wake-ups and the passes so far."""
 
-    def __init__(self, debounce: float = 0.0, burst: int = 20, rate: float = 10.0,
+    def __init__(self, debounce: float = 0.0, burst: int = 20, rate: float = 10.0, *,
+                 settle: Mapping[str, float] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.debounce = debounce
         self.burst = max(1, burst)
         self.rate = rate  # passes a second once the burst is spent; <= 0: no limit
+        self.settle = dict(settle or {})  # source -> seconds its wake-ups wait for a pass
         self.clock = clock
         self.pending_since: float | None = None  # the oldest wake-up no pass has served
+        self._wanted_at = INF  # when the wake-ups so far want their pass
         self._tokens = float(self.burst)
         self._tokens_at = clock()
 
-    def woken(self) -> None:
-        """A wake-up arrived: a pass that starts from now on serves it."""
+    def woken(self, source: str = "") -> None:
+        """A wake-up arrived: a pass that starts from now on serves it. A source with a
+        `settle` time is one whose event is often half of a change (a directory created to
+        be mounted on): its pass waits that long, unless another wake-up asks for one now."""
+        now = self.clock()
         if self.pending_since is None:
-            self.pending_since = self.clock()
+            self.pending_since = now
+        self._wanted_at = min(self._wanted_at,
+                              now + max(self.debounce, self.settle.get(source, 0.0)))
 
     def started(self) -> float | None:
         """A pass starts reading the host now: it serves every wake-up so far. Returns when
@@ -49,7 +60,7 @@ class PassSchedule:
         now = self.clock()
         self._tokens = max(0.0, self._available(now) - 1.0)
         self._tokens_at = now
-        since, self.pending_since = self.pending_since, None
+        since, self.pending_since, self._wanted_at = self.pending_since, None, INF
         return since
 
     def due(self) -> float:
@@ -57,7 +68,7 @@ class PassSchedule:
         no wake-up waits."""
         if self.pending_since is None:
             return INF
-        due = self.pending_since + self.debounce
+        due = self._wanted_at
         if self.rate > 0:
             missing = 1.0 - self._available(self._tokens_at)
             if missing > 0:

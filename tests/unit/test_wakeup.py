@@ -242,3 +242,16 @@ def test_a_udev_event_matters_when_it_touches_a_device_of_interest() -> None:
     assert not interest.matters(["259:0"])  # a volume attached for a pod
     assert not interest.matters([])
     assert DeviceInterest(everything=True).matters(["259:0"])  # a dangling link somewhere
+
+
+def test_a_new_entry_settles_before_its_pass_unless_a_mount_asks_for_one_now() -> None:
+    """mkdir then mount: the directory alone would be reported as "not a mount point"."""
+    clock = Clock()
+    schedule = PassSchedule(settle={"inotify": 0.2}, clock=clock)
+    schedule.woken("inotify")
+    assert schedule.due() == clock.now + 0.2
+    clock.now += 0.05
+    schedule.woken("mount")  # the mount on it: the pass is due now and serves both
+    assert schedule.due() <= clock.now
+    assert schedule.started() == clock.now - 0.05
+    assert schedule.due() == INF
