@@ -85,15 +85,16 @@ class UdevSource(Source):
                 self.ignored += 1
 
     def interest(self) -> DeviceInterest:
-        """What the discovery directories hold now, down to device numbers. Only cheap,
-        non-blocking reads: the directory listings, links into /dev, device nodes, sysfs and
+        """What the discovery directories hold now, down to device numbers. Only cheap reads:
+        the directory listings (types from readdir), links into /dev, device nodes, sysfs and
         the mount table; a mounted entry is never stat'ed (its filesystem may hang)."""
         assert self.dirs is not None
         dirs = sorted({os.path.realpath(d) for d in self.dirs()})
         with open(self.mountinfo, "rb") as f:
             mounted = mounts_within(f.read(), dirs)
         devices = {dev for dev, _ in mounted}
-        devices.update(n for _, source in mounted if (n := _block_number(source)))
+        devices.update(n for _, source in mounted
+                       if source.startswith("/") and (n := _block_number(source)))
         everything = False
         for d in dirs:
             try:
