@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
+from agent.config import Config
+from agent.discovery import HostSnapshot
 from agent.sources import Waker
 from agent.wakeup import (
     INF,
@@ -13,6 +16,7 @@ from agent.wakeup import (
     escape_mount_path,
     mounts_within,
 )
+from tests.unit.rig import CLASS, Rig, eventually
 
 
 class Clock:
@@ -255,3 +259,44 @@ def test_a_new_entry_settles_before_its_pass_unless_a_mount_asks_for_one_now() -
     assert schedule.due() <= clock.now
     assert schedule.started() == clock.now - 0.05
     assert schedule.due() == INF
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+def test_the_loop_serves_a_burst_during_a_pass_with_one_follow_up(tmp_path: Path) -> None:
+    """The real run loop on the in-memory API: 50 wake-ups while a pass reads the host make
+    one more pass, which sees the disk added meanwhile; then the loop waits."""
+    rig = Rig(tmp_path, resync_period=3600.0)
+    rig.kube.watch_timeout = 0.05
+    reading, release = threading.Event(), threading.Event()
+    snapshot = rig.host.snapshot
+
+    def slow_snapshot(config: Config) -> HostSnapshot:
+        if rig.host.snapshots == 1:  # the second pass: hold it while the burst arrives
+            reading.set()
+            assert release.wait(10)
+        return snapshot(config)
+
+    rig.host.snapshot = slow_snapshot  # type: ignore[method-assign]
+    rig.host.add(CLASS, "a")
+    loop = threading.Thread(target=rig.loop.run, name="reconcile")
+    loop.start()
+    try:
+        eventually(lambda: rig.pv("a"), what="the first PV")
+        eventually(lambda: rig.loop.waker.due() == INF, what="the loop waiting")
+        passes = rig.loop.state.passes
+        rig.loop.waker.wake("mount")
+        assert reading.wait(10), "a wake-up did not start a pass"
+        rig.host.add(CLASS, "b")  # after the held pass read nothing yet: the follow-up sees it
+        for _ in range(50):
+            rig.loop.waker.wake("udev")
+        release.set()
+        eventually(lambda: rig.pv("b"), what="the follow-up's PV")
+        eventually(lambda: rig.loop.waker.due() == INF, what="the loop waiting again")
+        assert rig.loop.state.passes == passes + 2
+    finally:
+        release.set()
+        rig.loop.shutdown()
+        loop.join(10)
+        rig.close()
