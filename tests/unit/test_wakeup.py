@@ -265,8 +265,8 @@ def test_a_new_entry_settles_before_its_pass_unless_a_mount_asks_for_one_now() -
 
 
 def test_the_loop_serves_a_burst_during_a_pass_with_one_follow_up(tmp_path: Path) -> None:
-    """The real run loop on the in-memory API: 50 wake-ups while a pass reads the host make
-    one more pass, which sees the disk added meanwhile; then the loop waits."""
+    """The real run loop on the in-memory API: a wake-up starts a pass; 50 more while it is
+    held make exactly one follow-up pass; then the loop waits."""
     rig = Rig(tmp_path, resync_period=3600.0)
     rig.kube.watch_timeout = 0.05
     reading, release = threading.Event(), threading.Event()
@@ -283,18 +283,19 @@ def test_the_loop_serves_a_burst_during_a_pass_with_one_follow_up(tmp_path: Path
     loop = threading.Thread(target=rig.loop.run, name="reconcile")
     loop.start()
     try:
-        eventually(lambda: rig.pv("a"), what="the first PV")
+        eventually(lambda: rig.pv("a") and rig.loop.state.passes, what="the first pass")
         eventually(lambda: rig.loop.waker.due() == INF, what="the loop waiting")
         passes = rig.loop.state.passes
         rig.loop.waker.wake("mount")
         assert reading.wait(10), "a wake-up did not start a pass"
-        rig.host.add(CLASS, "b")  # after the held pass read nothing yet: the follow-up sees it
+        rig.host.add(CLASS, "b")  # the held pass has read nothing yet: it sees b
         for _ in range(50):
             rig.loop.waker.wake("udev")
         release.set()
-        eventually(lambda: rig.pv("b"), what="the follow-up's PV")
+        eventually(lambda: rig.pv("b"), what="the PV of b")
+        eventually(lambda: rig.loop.state.passes >= passes + 2, what="the follow-up")
         eventually(lambda: rig.loop.waker.due() == INF, what="the loop waiting again")
-        assert rig.loop.state.passes == passes + 2
+        assert rig.loop.state.passes == passes + 2  # the held pass and one follow-up
     finally:
         release.set()
         rig.loop.shutdown()
