@@ -6,7 +6,7 @@ to the host, other mounts on the host do not reach it), against the in-memory AP
 (tests/unit/fake_kube): the API's own latency is not the subject. Profiled: the first pass
 (every PV created) and steady passes (nothing to do: what each wake-up costs).
 
-Needs root. Prints a table and the top functions by own time; writes JSON.
+Needs root. Prints a table and the top functions by own CPU time (all threads); writes JSON.
 
     .venv/bin/python benchmarks/profile_pass.py [--sizes 1,10,1000] [--passes 20] [--top 12]
 """
@@ -22,6 +22,7 @@ import pstats
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -55,8 +56,38 @@ def mount_tmpfs(target: Path) -> None:
         raise OSError(ctypes.get_errno(), f"mount {target}")
 
 
-def top(profile: cProfile.Profile, count: int) -> list[dict[str, Any]]:
-    stats = pstats.Stats(profile)
+class Profiles:
+    """cProfile of the calling thread and of every thread started meanwhile (the host reader
+    walks entries on worker threads of its own), merged."""
+
+    def __init__(self) -> None:
+        self.main = cProfile.Profile(time.thread_time)  # CPU, not time spent waiting
+        self.threads: list[cProfile.Profile] = []
+
+    def _thread_started(self, *_: object) -> None:
+        sys.setprofile(None)
+        profile = cProfile.Profile(time.thread_time)
+        self.threads.append(profile)
+        profile.enable()
+
+    def __enter__(self) -> Profiles:
+        threading.setprofile(self._thread_started)
+        self.main.enable()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.main.disable()
+        threading.setprofile(None)  # type: ignore[arg-type]
+
+    def stats(self) -> pstats.Stats:
+        stats = pstats.Stats(self.main)
+        for profile in self.threads:
+            stats.add(profile)
+        return stats
+
+
+def top(profiles: Profiles, count: int) -> list[dict[str, Any]]:
+    stats = profiles.stats()
     rows = []
     for (file, line, func), (_cc, calls, own, cum, _) in stats.stats.items():  # type: ignore[attr-defined]
         rows.append({"function": f"{Path(file).name}:{line}({func})", "calls": calls,
@@ -77,21 +108,18 @@ def measure(size: int, passes: int, count: int, work: Path) -> dict[str, Any]:
                       RunSettings(NODE, resync_period=3600.0))
     try:
         loop._start()
-        first_profile = cProfile.Profile()
         started = time.perf_counter()
-        first_profile.enable()
-        result = loop.sync()
-        first_profile.disable()
+        with Profiles() as first_profile:
+            result = loop.sync()
         first = time.perf_counter() - started
         assert sum(result.created_by_mode.values()) == size, result.created_by_mode
-        steady_profile, times = cProfile.Profile(), []
-        for _ in range(passes):
-            started = time.perf_counter()
-            steady_profile.enable()
-            result = loop.sync()
-            steady_profile.disable()
-            times.append(time.perf_counter() - started)
-            assert not result.created_by_mode and not result.errors
+        times = []
+        with Profiles() as steady_profile:
+            for _ in range(passes):
+                started = time.perf_counter()
+                result = loop.sync()
+                times.append(time.perf_counter() - started)
+                assert not result.created_by_mode and not result.errors
         # the same passes unprofiled: the profiler's own overhead inflates small calls
         plain = []
         for _ in range(passes):
