@@ -9,6 +9,7 @@ to the host, other mounts on the host do not reach it), against the in-memory AP
 Needs root. Prints a table and the top functions by own CPU time (all threads); writes JSON.
 
     .venv/bin/python benchmarks/profile_pass.py [--sizes 1,10,1000] [--passes 20] [--top 12]
+        [--kind tmpfs|ext4]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from agent.config import load_config  # noqa: E402
 from agent.host import HostReader  # noqa: E402
 from agent.loop import Reconciler  # noqa: E402
 from agent.settings import RunSettings  # noqa: E402
+from tests.disks import Disks  # noqa: E402
 from tests.unit.fake_kube import FakeKube  # noqa: E402
 
 LIBC = ctypes.CDLL(None, use_errno=True)
@@ -95,10 +97,16 @@ def top(profiles: Profiles, count: int) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: -r["own_s"])[:count]
 
 
-def measure(size: int, passes: int, count: int, work: Path) -> dict[str, Any]:
-    disc = work / f"disks-{size}"
+def measure(size: int, passes: int, count: int, work: Path, kind: str = "tmpfs"
+            ) -> dict[str, Any]:
+    disc = work / f"disks-{kind}-{size}"
+    disks = Disks(work)
     for i in range(size):
-        mount_tmpfs(disc / f"v{i:04d}")
+        if kind == "tmpfs":
+            mount_tmpfs(disc / f"v{i:04d}")
+        else:  # a real block device under each entry: read, probed and identified every pass
+            disks.mount(disks.loop(f"{kind}-{size}-{i}", size_mib=16, fs=kind),
+                        disc / f"v{i:04d}")
     config = work / f"config-{size}.yaml"
     config.write_text(yaml.safe_dump({"storageClassMap": {CLASS: {"hostDir": str(disc)}}}))
     kube = FakeKube(watch_timeout=0.05)
@@ -131,7 +139,8 @@ def measure(size: int, passes: int, count: int, work: Path) -> dict[str, Any]:
         loop.close()
         for i in range(size):
             LIBC.umount2(os.fsencode(disc / f"v{i:04d}"), 2)
-    return {"volumes": size, "first_pass_s": round(first, 4),
+        disks.cleanup()
+    return {"volumes": size, "kind": kind, "first_pass_s": round(first, 4),
             "steady_pass_ms_profiled": round(1000 * statistics.median(times), 2),
             "steady_pass_ms": round(1000 * statistics.median(plain), 2),
             "first_pass_top": top(first_profile, count),
@@ -141,17 +150,20 @@ def measure(size: int, passes: int, count: int, work: Path) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1,10,1000")
+    parser.add_argument("--kind", choices=("tmpfs", "ext4"), default="tmpfs",
+                        help="tmpfs mounts, or ext4 on loop devices (slower to set up)")
     parser.add_argument("--passes", type=int, default=20)
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--json", default="benchmarks/results/profile_pass.json")
     args = parser.parse_args()
     private_mounts()
     work = Path(tempfile.mkdtemp(prefix="localpv-profile."))
-    rows = [measure(int(n), args.passes, args.top, work) for n in args.sizes.split(",")]
-    print("volumes | first pass s (creates all) | steady pass ms | steady, profiled ms")
-    print("--- | --- | --- | ---")
+    rows = [measure(int(n), args.passes, args.top, work, args.kind)
+            for n in args.sizes.split(",")]
+    print("volumes | kind | first pass s (creates all) | steady pass ms | steady, profiled ms")
+    print("--- | --- | --- | --- | ---")
     for r in rows:
-        print(f"{r['volumes']} | {r['first_pass_s']} | {r['steady_pass_ms']} | "
+        print(f"{r['volumes']} | {r['kind']} | {r['first_pass_s']} | {r['steady_pass_ms']} | "
               f"{r['steady_pass_ms_profiled']}")
     for r in rows:
         for which in ("first_pass_top", "steady_pass_top"):
