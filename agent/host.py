@@ -339,8 +339,9 @@ class HostReader:
 
     def udev_properties(self, device: str) -> dict[str, str]:
         """udev's database entry for a block device (`E:KEY=VALUE` lines), if udev runs."""
-        try:
-            text = Path(self.udev_data, f"b{device}").read_text(errors="replace")
+        try:  # os.path, not pathlib: called for every entry on every pass
+            with open(os.path.join(self.udev_data, f"b{device}"), errors="replace") as f:
+                text = f.read()
         except OSError:
             return {}
         return dict(
@@ -350,7 +351,8 @@ class HostReader:
 
     def device_node(self, device: str) -> str | None:
         try:
-            uevent = Path(self.sys_block, device, "uevent").read_text()
+            with open(os.path.join(self.sys_block, device, "uevent")) as f:
+                uevent = f.read()
         except OSError:
             return None
         for line in uevent.splitlines():

@@ -43,6 +43,7 @@ from agent.safety import comparable
 from agent.settings import RunSettings
 from agent.sources import Waker
 from agent.volumes import NodeInfo
+from agent.wakeup import PassSchedule
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,9 @@ class Reconciler:
         self.hooks = hooks = hooks or Hooks()
         self.stop = threading.Event()
         self.wake = threading.Event()
-        self.waker = Waker(self.wake)
+        self.waker = Waker(self.wake, PassSchedule(
+            settings.debounce, settings.pass_burst, settings.pass_rate,
+            settle={"inotify": settings.entry_settle}))
         self.cache = PVCache()
         self.events = EventRecorder(kube, lambda: self.ctx.node)
         self.ctx = Context(kube, PVStore(kube, self.cache, self.wake.set), self.events,
@@ -386,7 +389,8 @@ class Reconciler:
             self.stop.wait(min(1.0, max(0.0, deadline - time.monotonic())))
 
     def _wait_until(self, deadline: float, tick: float = WAIT_TICK) -> None:
-        """Sleep until woken, stopped or the deadline, beating the heart every `tick`."""
+        """Sleep until a wake-up makes a pass due (`PassSchedule`: at once, unless passes ran
+        back to back), stopped or the deadline, beating the heart every `tick`."""
         deadline = min(deadline, self.waker.next_alarm())
         while not self.stop.is_set():
             self.state.heartbeat = time.monotonic()
@@ -395,10 +399,7 @@ class Reconciler:
                     break
             except Exception:  # housekeeping must never end the loop
                 log.exception("housekeeping between passes failed")
-            remaining = deadline - time.monotonic()
+            remaining = min(deadline, self.waker.due()) - time.monotonic()
             if remaining <= 0:
                 break
-            if self.wake.wait(min(remaining, tick)):
-                self.stop.wait(self.settings.debounce)  # coalesce a burst into one pass
-                break
-        self.wake.clear()
+            self.wake.wait(min(remaining, tick))

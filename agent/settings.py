@@ -13,7 +13,10 @@ from dataclasses import dataclass
 class RunSettings:
     node_name: str
     resync_period: float = 300.0  # minimum seconds between full resyncs (jittered up to 2x)
-    debounce: float = 0.2  # seconds a burst of wake-ups is coalesced into one pass
+    debounce: float = 0.0  # seconds from a wake-up to its pass; 0: at once (leading edge)
+    pass_burst: int = 20  # passes that wake-ups may start back to back ...
+    pass_rate: float = 10.0  # ... then this many a second (agent.wakeup.PassSchedule)
+    entry_settle: float = 0.2  # seconds a new directory entry gets to be mounted on first
     poll_period: float | None = None  # poll like the upstream: a pass every period
     withdraw_missing: bool = True  # delete an unbound PV whose disk is gone
     withdraw_removed_classes: bool = False  # delete unbound PVs of classes no longer configured

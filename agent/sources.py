@@ -18,8 +18,10 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from typing import BinaryIO
 
 from agent.backoff import Backoff
+from agent.wakeup import MountFilter, PassSchedule
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +35,12 @@ _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (struct inotify_event)
 
 
 class Waker:
-    """Funnels every source into the loop's one wake-up Event, counting wake-ups by source."""
+    """Funnels every source into the loop's one wake-up Event, counting wake-ups by source,
+    and keeps the `PassSchedule` that says when they make a pass due."""
 
-    def __init__(self, event: threading.Event) -> None:
+    def __init__(self, event: threading.Event, schedule: PassSchedule | None = None) -> None:
         self.event = event
+        self.schedule = schedule or PassSchedule()
         self.wakeups: Counter[str] = Counter()
         self.failures: Counter[str] = Counter()
         self.active: dict[str, bool] = {}
@@ -49,7 +53,8 @@ class Waker:
             self.wakeups[source] += 1
             if self.first_wake is None:
                 self.first_wake = time.monotonic()
-        self.event.set()
+            self.schedule.woken(source)
+            self.event.set()
 
     def failed(self, source: str, why: str) -> None:
         """A source lost events: count it, warn, and wake the loop for a full pass."""
@@ -75,8 +80,21 @@ class Waker:
         with self._lock:
             return dict(self.wakeups), dict(self.failures), dict(self.active)
 
-    def take_first_wake(self) -> float | None:
+    def due(self) -> float:
+        """When the wake-ups so far make a pass due (monotonic; inf: none waits). The Event
+        set by anyone (the PV watch, a cleaner, shutdown) counts as a wake-up from now."""
         with self._lock:
+            if self.event.is_set():
+                self.event.clear()  # noted in the schedule: waiting on it again must block
+                self.schedule.woken()
+            return self.schedule.due()
+
+    def take_first_wake(self) -> float | None:
+        """A pass starts: it serves every wake-up so far (later ones make another pass due).
+        Returns when the oldest source wake-up it serves arrived, for the latency metric."""
+        with self._lock:
+            self.event.clear()
+            self.schedule.started()
             first, self.first_wake = self.first_wake, None
             return first
 
@@ -117,28 +135,63 @@ class Source:
 
 
 class MountTableSource(Source):
-    """The kernel flags a changed mount table with POLLPRI on /proc/self/mountinfo."""
+    """The kernel flags a changed mount table with POLLPRI on /proc/self/mountinfo.
+
+    With `dirs` (the discovery directories), a change wakes the loop only when it can matter
+    to discovery (`MountFilter`): other mounts on the host cost one read of the table, never
+    a pass. The flag re-arms in poll(2) itself; reading the table is only for the filter.
+    """
 
     name = "mount"
+    RESOLVE_EVERY = 30.0  # seconds a resolved discovery directory (realpath) is trusted
 
     def __init__(self, waker: Waker, stop: threading.Event,
-                 mountinfo: str = "/proc/self/mountinfo") -> None:
+                 mountinfo: str = "/proc/self/mountinfo",
+                 dirs: Callable[[], Iterable[str]] | None = None) -> None:
         super().__init__(waker, stop)
         self.mountinfo = mountinfo
+        self.dirs = dirs
+        self.ignored = 0  # changes the filter found irrelevant (tests, benchmarks)
+        self._resolved: tuple[tuple[str, ...], float, tuple[str, ...]] = ((), -1e9, ())
 
     def available(self) -> bool:
         return os.access(self.mountinfo, os.R_OK)
 
     def run(self) -> None:
-        with open(self.mountinfo, "rb") as f:
+        table = MountFilter()
+        with open(self.mountinfo, "rb", buffering=0) as f:
             poller = select.poll()
             poller.register(f.fileno(), select.POLLPRI | select.POLLERR)
-            f.read()
+            poller.poll(0)  # consume the flag of changes before this point
+            if self.dirs is not None:
+                table.changed(_read_all(f), self._watched_dirs())
             while not self.stop.is_set():
-                if poller.poll(1000):
-                    f.seek(0)
-                    f.read()  # re-arms the notification
+                if not poller.poll(1000):
+                    continue
+                if self.dirs is None or table.changed(_read_all(f), self._watched_dirs()):
                     self.waker.wake(self.name)
+                else:
+                    self.ignored += 1
+
+    def _watched_dirs(self) -> tuple[str, ...]:
+        """The configured directories as given and resolved (the table shows real paths);
+        resolved again when they change or every RESOLVE_EVERY seconds."""
+        assert self.dirs is not None
+        given = tuple(self.dirs())
+        known, when, resolved = self._resolved
+        now = time.monotonic()
+        if given != known or now - when > self.RESOLVE_EVERY:
+            resolved = tuple(sorted({*given, *map(os.path.realpath, given)}))
+            self._resolved = (given, now, resolved)
+        return resolved
+
+
+def _read_all(f: BinaryIO) -> bytes:
+    f.seek(0)
+    chunks = []
+    while chunk := f.read(1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class InotifySource(Source):

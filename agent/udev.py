@@ -4,6 +4,10 @@ Only wake-ups: a new device behind an existing symlink, a disk pulled out. In a 
 arrive only with `hostNetwork: true` (udevd multicasts in the host's network namespace) and
 `/run/udev` mounted; without them this source is simply quiet, and the mount table and inotify
 sources still see new mounts and entries.
+
+With `dirs` (the discovery directories), an event wakes the loop only when it concerns a
+device discovery can see (`DeviceInterest`, read from the host when the event arrives: after
+udev has updated its links): a kubelet attaching a cloud volume to a pod costs no pass.
 """
 
 from __future__ import annotations
@@ -13,9 +17,13 @@ import logging
 import os
 import select
 import socket
+import stat
 import threading
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from agent.sources import Source, Waker
+from agent.wakeup import DeviceInterest, mounts_within
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +32,17 @@ class UdevSource(Source):
     """A netlink monitor of udev's processed block events, rebuilt after any failure."""
 
     name = "udev"
+    sys_block = "/sys/dev/block"
 
     def __init__(self, waker: Waker, stop: threading.Event,
-                 receive_buffer: int | None = None) -> None:
+                 receive_buffer: int | None = None, *,
+                 dirs: Callable[[], Iterable[str]] | None = None,
+                 mountinfo: str = "/proc/self/mountinfo") -> None:
         super().__init__(waker, stop)
         self.receive_buffer = receive_buffer
+        self.dirs = dirs
+        self.mountinfo = mountinfo
+        self.ignored = 0  # events about devices discovery cannot see
         self.why_unavailable = ""
 
     def available(self) -> bool:
@@ -62,9 +76,73 @@ class UdevSource(Source):
                     self.waker.failed(self.name, "netlink socket overflow (ENOBUFS)")
                     return  # a fresh monitor, and the loop resyncs
                 raise
-            if device is not None:
-                log.debug("udev: %s %s", device.action, device.device_node)
+            if device is None:
+                continue
+            log.debug("udev: %s %s", device.action, device.device_node)
+            if self.dirs is None or self.interest().matters(_numbers(device)):
                 self.waker.wake(self.name)
+            else:
+                self.ignored += 1
+
+    def interest(self) -> DeviceInterest:
+        """What the discovery directories hold now, down to device numbers. Only cheap reads:
+        the directory listings (types from readdir), links into /dev, device nodes, sysfs and
+        the mount table; a mounted entry is never stat'ed (its filesystem may hang)."""
+        assert self.dirs is not None
+        dirs = sorted({os.path.realpath(d) for d in self.dirs()})
+        with open(self.mountinfo, "rb") as f:
+            mounted = mounts_within(f.read(), dirs)
+        devices = {dev for dev, _ in mounted}
+        devices.update(n for _, source in mounted
+                       if source.startswith("/") and (n := _block_number(source)))
+        everything = False
+        for d in dirs:
+            try:
+                entries = list(os.scandir(d))
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.is_symlink():
+                    target = os.path.normpath(os.path.join(d, os.readlink(entry.path)))
+                    if not target.startswith("/dev/"):
+                        continue  # a directory: seen through the mount table, or excluded
+                    number = _block_number(target)
+                    everything = everything or number is None  # dangling, or not a device
+                    devices.update([number] if number else [])
+                elif not entry.is_dir(follow_symlinks=False):
+                    devices.update([n] if (n := _block_number(entry.path)) else [])
+        devices.update([disk for d in list(devices) if (disk := self._disk_of(d))])
+        return DeviceInterest(devices, everything)
+
+    def _disk_of(self, number: str) -> str | None:
+        """The whole disk of a partition (from sysfs), so that both sides of a
+        partition table change are seen."""
+        try:
+            if not os.path.exists(f"{self.sys_block}/{number}/partition"):
+                return None
+            with open(f"{self.sys_block}/{number}/../dev") as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+
+def _numbers(device: Any) -> list[str]:
+    """The event's device number and those of its block parents (a partition's disk)."""
+    numbers = []
+    while device is not None:
+        if device.device_number:
+            numbers.append(f"{os.major(device.device_number)}:{os.minor(device.device_number)}")
+        device = device.find_parent("block")
+    return numbers
+
+
+def _block_number(path: str) -> str | None:
+    """"major:minor" of a block device node (links followed), None for anything else."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}" if stat.S_ISBLK(st.st_mode) else None
 
 
 def _pending_socket_error(fd: int) -> int:

@@ -1,20 +1,29 @@
 #!/usr/bin/env python3
-"""How fast a new disk becomes a PV: events mode against the upstream-style 10 s polling.
+"""How fast a new disk becomes a PV, and what an idle agent costs while the host mounts things.
 
-Part 1, per mode, N trials: attach a loop device, make ext4, mount it under the discovery dir,
-and time from the mount call's return to the PV's ADDED event on a watch. Both modes run in the
-same invocation against the same control plane; the table gives p50/p95/p99/max and the ratio.
-Part 2, events mode: 1, 10, 100 and 1,000 tmpfs volumes mounted at once; time until every PV
-exists, and the API requests the agent made for it (from its own metrics).
+Part 1 (latency), per mode, N trials: attach a loop device, make ext4, mount it under the
+discovery dir, and time from the mount call's return to the PV's ADDED event on a watch. Modes:
+`events` (the leading-edge wake-up), `debounce` (the former design: a pass 0.2 s after the first
+wake-up of a burst, every mount-table change a wake-up) and `poll` (the upstream's 10 s timer).
+All run in the same invocation against the same control plane; the table gives p50/p95/p99/max
+and the ratios to `events`.
+Part 2 (bulk), events mode: 1, 10, 100 and 1,000 tmpfs volumes mounted at once; time until
+every PV exists, and the API requests the agent made for it (from its own metrics).
+Part 3 (idle): an agent with one volume, its CPU seconds (user + system, /proc/PID/stat) and
+bytes read (/proc/PID/io rchar) per minute, its passes and mount wake-ups, while nothing
+happens and while the benchmark mounts and unmounts `--churn` tmpfs a second outside the
+discovery dir; with the mount-table filter, without it, and the former design.
 
-Needs root and the control plane binaries. Prints a table, writes JSON; never passes or fails.
+Needs root and the control plane binaries. Prints tables, writes JSON; never passes or fails.
 
-    .venv/bin/python benchmarks/discovery_latency.py [--trials 50] [--bulk 1,10,100,1000]
+    .venv/bin/python benchmarks/discovery_latency.py [--trials 100] [--modes events,debounce]
+        [--parts latency,bulk,idle] [--bulk 1,10,100,1000] [--idle-seconds 60] [--churn 10]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -44,8 +53,22 @@ from devkit.disks import Disks
 
 CLASS = "local-storage"
 POLL_PERIOD = 10.0  # the upstream provisioner's default
+# The agent's flags per mode; `debounce` is the design before the leading-edge wake-up.
+MODES: dict[str, tuple[str, ...]] = {
+    "events": (),
+    "debounce": ("--debounce", "0.2", "--no-wake-filter"),
+    "poll": ("--discovery-mode", "poll", "--discovery-period", str(POLL_PERIOD)),
+}
+IDLE_CASES: list[tuple[str, tuple[str, ...], bool]] = [  # label, agent flags, churn
+    ("events, quiet host", (), False),
+    ("events, churn", (), True),
+    ("events without the wake-up filter, churn", ("--no-wake-filter",), True),
+    ("former design (debounce 0.2 s, no filter), churn", MODES["debounce"], True),
+]
 REQUESTS = re.compile(
     r'^localpv_agent_api_requests_total\{result="(\w+)",verb="(\w+)"\} ([0-9.e+]+)$', re.M)
+PASSES = re.compile(r"^localpv_agent_discovery_pass_duration_seconds_count ([0-9.e+]+)$", re.M)
+WAKEUPS = re.compile(r'^localpv_agent_wakeups_total\{source="([\w-]+)"\} ([0-9.e+]+)$', re.M)
 LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
 
 
@@ -119,9 +142,7 @@ def latency_trials(mode: str, trials: int, cluster: ControlPlane, pvw: PVWatch,
                    kubeconfig: Path, work: Path) -> list[float]:
     node = f"lat-{mode}"
     disc, cfg = new_node(cluster, work, node)
-    extra = ("--discovery-mode", "poll", "--discovery-period", str(POLL_PERIOD)) \
-        if mode == "poll" else ()
-    agent = Agent(node, cfg, kubeconfig, work, *extra).start()
+    agent = Agent(node, cfg, kubeconfig, work, *MODES[mode]).start()
     disks = Disks(work / node)
     results = []
     try:
@@ -173,44 +194,157 @@ def bulk(count: int, cluster: ControlPlane, pvw: PVWatch, kubeconfig: Path,
             "requests": {k: int(v) for k, v in sorted(delta.items()) if v}}
 
 
+def cpu_and_reads(pid: int) -> tuple[float, int]:
+    """CPU seconds (user + system, all threads) and bytes read so far by a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return (int(fields[11]) + int(fields[12])) / ticks, int(io["rchar"])
+
+
+def counters(agent: Agent) -> tuple[float, dict[str, float]]:
+    """Passes so far, and wake-ups by source, from the agent's metrics."""
+    _, text = agent.get("/metrics")
+    passes = PASSES.search(text)
+    return (float(passes[1]) if passes else 0.0,
+            {m[1]: float(m[2]) for m in WAKEUPS.finditer(text)})
+
+
+class Churn:
+    """Mounts and unmounts tmpfs `rate` times a second in `where` (a kubelet's pod volumes)."""
+
+    def __init__(self, where: Path, rate: float) -> None:
+        self.where, self.rate = where, rate
+        self.done = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Churn:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            target = self.where / f"pod-{self.done % 8}"
+            mount_tmpfs(target)
+            LIBC.umount2(os.fsencode(target), 0)
+            self.done += 1
+            next_at += 1.0 / self.rate
+            self._stop.wait(max(0.0, next_at - time.monotonic()))
+
+
+def idle_case(label: str, extra: tuple[str, ...], churn: bool, seconds: float, rate: float,
+              index: int, cluster: ControlPlane, pvw: PVWatch, kubeconfig: Path,
+              work: Path) -> dict[str, object]:
+    node = f"idle-{index}"
+    disc, cfg = new_node(cluster, work, node)
+    mount_tmpfs(disc / "vol")
+    agent = Agent(node, cfg, kubeconfig, work, *extra).start()
+    try:
+        agent.wait_ready()
+        pvw.wait_added(pv_name("vol", node, CLASS), timeout=60)
+        time.sleep(5)  # let the startup's follow-up passes and the watch settle
+        assert agent.proc is not None
+        passes0, wakes0 = counters(agent)
+        cpu0, read0 = cpu_and_reads(agent.proc.pid)
+        started = time.monotonic()
+        with Churn(work / f"churn-{index}", rate) if churn else contextlib.nullcontext() as c:
+            time.sleep(seconds)
+        elapsed = time.monotonic() - started
+        cpu1, read1 = cpu_and_reads(agent.proc.pid)
+        passes1, wakes1 = counters(agent)
+    finally:
+        agent.stop()
+        LIBC.umount2(os.fsencode(disc / "vol"), 2)
+    per_min = 60.0 / elapsed
+    return {"case": label, "flags": list(extra), "seconds": round(elapsed, 1),
+            "churn_mounts": c.done if churn else 0,  # type: ignore[union-attr]
+            "cpu_s_per_min": round((cpu1 - cpu0) * per_min, 3),
+            "read_mb_per_min": round((read1 - read0) * per_min / 1e6, 3),
+            "passes": int(passes1 - passes0),
+            "mount_wakeups": int(wakes1.get("mount", 0) - wakes0.get("mount", 0))}
+
+
+def print_tables(report: dict[str, object], stats: dict[str, dict[str, float]],
+                 args: argparse.Namespace) -> None:
+    if stats:
+        print(f"mount -> PV seen on a watch ({args.trials} trials; poll: {args.poll_trials})")
+        print("mode | trials | p50 s | p95 s | p99 s | max s")
+        print("--- | --- | --- | --- | --- | ---")
+        for mode, s in stats.items():
+            n = args.poll_trials if mode == "poll" else args.trials
+            print(f"{mode} | {n} | {s['p50']:.3f} | {s['p95']:.3f} | {s['p99']:.3f} | "
+                  f"{s['max']:.3f}")
+        for mode in stats:
+            if mode != "events" and "events" in stats:
+                print(f"{mode}/events | | " + " | ".join(
+                    f"{stats[mode][k] / stats['events'][k]:.1f}x"
+                    for k in ("p50", "p95", "p99", "max")))
+    if "bulk" in report:
+        print("\nvolumes mounted at once (events mode)")
+        print("volumes | mounting s | until all PVs s | agent API requests")
+        print("--- | --- | --- | ---")
+        for row in report["bulk"]:  # type: ignore[attr-defined]
+            print(f"{row['volumes']} | {row['mount_seconds']} | {row['all_pvs_seconds']} | "
+                  f"{row['requests']}")
+    if "idle" in report:
+        print(f"\nidle agent, {args.idle_seconds:g} s per case; churn: {args.churn:g} tmpfs "
+              "mounts+unmounts a second outside the discovery dir")
+        print("case | churn mounts | CPU s/min | read MB/min | passes | mount wake-ups")
+        print("--- | --- | --- | --- | --- | ---")
+        for row in report["idle"]:  # type: ignore[attr-defined]
+            print(f"{row['case']} | {row['churn_mounts']} | {row['cpu_s_per_min']} | "
+                  f"{row['read_mb_per_min']} | {row['passes']} | {row['mount_wakeups']}")
+
+
 def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up disks when killed
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=50)
+    parser.add_argument("--trials", type=int, default=100)
+    parser.add_argument("--poll-trials", type=int, default=20,
+                        help="trials of poll mode (each waits up to 10 s)")
+    parser.add_argument("--modes", default="events,debounce,poll")
+    parser.add_argument("--parts", default="latency,bulk,idle")
     parser.add_argument("--bulk", default="1,10,100,1000")
+    parser.add_argument("--idle-seconds", type=float, default=60.0)
+    parser.add_argument("--churn", type=float, default=10.0,
+                        help="unrelated tmpfs mounts (each unmounted again) a second")
     parser.add_argument("--json", default="benchmarks/results/discovery_latency.json")
     args = parser.parse_args()
+    parts, modes = args.parts.split(","), args.modes.split(",")
     work = Path(tempfile.mkdtemp(prefix="localpv-latency."))
     cluster = ControlPlane(work / "cluster", build_binaries())
-    report: dict[str, object] = {"trials": args.trials}
+    report: dict[str, object] = {"command": " ".join(sys.argv), "trials": args.trials,
+                                 "poll_trials": args.poll_trials}
+    stats: dict[str, dict[str, float]] = {}
     try:
         cluster.start(nodes=0)
         kubeconfig = install_agent(cluster, work / "agent.kubeconfig")
         pvw = PVWatch(cluster.kubeconfig)
-        latency = {mode: latency_trials(mode, args.trials, cluster, pvw, kubeconfig, work)
-                   for mode in ("events", "poll")}
-        stats = {mode: percentiles(v) for mode, v in latency.items()}
-        report["latency"] = {m: {"stats": stats[m], "samples": latency[m]} for m in latency}
-        report["bulk"] = [bulk(int(n), cluster, pvw, kubeconfig, work)
-                          for n in args.bulk.split(",")]
+        if "latency" in parts:
+            latency = {mode: latency_trials(
+                mode, args.poll_trials if mode == "poll" else args.trials, cluster, pvw,
+                kubeconfig, work) for mode in modes}
+            stats = {mode: percentiles(v) for mode, v in latency.items()}
+            report["latency"] = {m: {"flags": list(MODES[m]), "stats": stats[m],
+                                     "samples": latency[m]} for m in latency}
+        if "bulk" in parts:
+            report["bulk"] = [bulk(int(n), cluster, pvw, kubeconfig, work)
+                              for n in args.bulk.split(",")]
+        if "idle" in parts:
+            report["idle"] = [idle_case(label, extra, churn, args.idle_seconds, args.churn, i,
+                                        cluster, pvw, kubeconfig, work)
+                              for i, (label, extra, churn) in enumerate(IDLE_CASES)]
         report["pvs_left"] = len(items(cluster, "/api/v1/persistentvolumes"))
     finally:
         cluster.stop()
 
-    print(f"mount -> PV seen on a watch, {args.trials} trials per mode")
-    print("mode | p50 s | p95 s | p99 s | max s")
-    print("--- | --- | --- | --- | ---")
-    for mode in ("events", "poll"):
-        s = stats[mode]
-        print(f"{mode} | {s['p50']:.3f} | {s['p95']:.3f} | {s['p99']:.3f} | {s['max']:.3f}")
-    print("poll/events | " + " | ".join(
-        f"{stats['poll'][k] / stats['events'][k]:.1f}x" for k in ("p50", "p95", "p99", "max")))
-    print("\nvolumes mounted at once (events mode)")
-    print("volumes | mounting s | until all PVs s | agent API requests")
-    print("--- | --- | --- | ---")
-    for row in report["bulk"]:  # type: ignore[attr-defined]
-        print(f"{row['volumes']} | {row['mount_seconds']} | {row['all_pvs_seconds']} | "
-              f"{row['requests']}")
+    print_tables(report, stats, args)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
+import pyudev
+import yaml
+
+from agent.configfiles import load_config
+from agent.host import HostReader
+from agent.loop import Reconciler
+from agent.settings import RunSettings
 from agent.sources import InotifySource, MountTableSource, Waker
+from agent.udev import UdevSource, _numbers
+from agent.volumes import pv_name
 from devkit.disks import can_make_disks, disks
+from devkit.fake_kube import FakeKube
 from tests.conftest import require
 
 MAX_QUEUED = Path("/proc/sys/fs/inotify/max_queued_events")
+CLONE_NEWNS, MS_REC, MS_PRIVATE = 0x00020000, 0x4000, 1 << 18
+# A thread's own view: /proc/self is the main thread's, in the host's mount namespace.
+MOUNTINFO = "/proc/thread-self/mountinfo"
+T = TypeVar("T")
 
 
 def until(check: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -66,3 +82,118 @@ def test_inotify_overflow_is_counted_and_the_source_keeps_working(tmp_path: Path
         assert until(lambda: waker.wakeups["inotify"] > before)
     finally:
         stop.set()
+
+
+def in_private_mount_namespace(body: Callable[[], T]) -> T:
+    """Run `body` on a thread with a mount namespace of its own, cut off from propagation:
+    on a machine shared with other test runs their mounts never reach it (a block device
+    mounted anywhere rightly wakes the agent), and its own never leave. Threads and processes
+    it starts inherit the namespace."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(CLONE_NEWNS) != 0 or \
+                libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+            outcome["error"] = OSError(ctypes.get_errno(), "a private mount namespace")
+            return
+        try:
+            outcome["value"] = body()
+        except BaseException as exc:  # re-raised on the test's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="private-mount-ns")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]  # type: ignore[return-value]
+
+
+def test_mounts_outside_the_discovery_dir_cost_no_pass(tmp_path: Path) -> None:
+    """12 tmpfs mounts and unmounts elsewhere: no wake-up, no pass; one inside: one of each."""
+    ok, why = can_make_disks()
+    require(ok, why)
+    disc, elsewhere = tmp_path / "disks", tmp_path / "elsewhere"
+    disc.mkdir()
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"storageClassMap": {"local": {"hostDir": str(disc)}}}))
+    kube = FakeKube(watch_timeout=0.05)
+    kube.add_node("node-1", labels={"kubernetes.io/hostname": "node-1"})
+    kube.add_storage_class("local")
+
+    def scenario() -> tuple[int, int, int, int]:
+        loop = Reconciler(kube, HostReader(mountinfo=MOUNTINFO), load_config(str(config)),
+                          RunSettings("node-1", resync_period=3600.0))
+        source = MountTableSource(loop.waker, loop.stop, MOUNTINFO, dirs=lambda: [
+            p for c in loop.config.classes for p in (c.host_dir, c.mount_dir)])
+        thread = threading.Thread(target=loop.run, name="reconcile")
+        with disks(tmp_path) as d:
+            try:
+                assert source.start()
+                thread.start()
+                assert until(lambda: loop.state.passes >= 1, 30), "no first pass"
+                passes = loop.state.passes
+                for i in range(12):
+                    d.tmpfs(elsewhere / f"pod-{i}", size_mib=1)
+                    d.cleanup()  # unmounts it again
+                assert until(lambda: source.ignored >= 1, 30), "the churn was never seen"
+                churn = (loop.state.passes - passes, loop.waker.wakeups["mount"])
+                d.tmpfs(disc / "vol1", size_mib=1)
+                assert until(lambda: pv_name("vol1", "node-1", "local") in kube.pvs, 30)
+                return (*churn, loop.state.passes - passes, loop.waker.wakeups["mount"])
+            finally:
+                loop.shutdown()
+                thread.join(10)
+                loop.close()
+
+    churn_passes, churn_wakes, passes, wakes = in_private_mount_namespace(scenario)
+    assert (churn_passes, churn_wakes) == (0, 0)
+    assert (passes, wakes) == (1, 1)
+
+
+def test_without_the_filter_every_mount_change_wakes(tmp_path: Path) -> None:
+    """The benchmark's baseline (--no-wake-filter): a mount anywhere wakes the loop."""
+    ok, why = can_make_disks()
+    require(ok, why)
+    waker, stop = Waker(threading.Event()), threading.Event()
+
+    def scenario() -> bool:
+        source = MountTableSource(waker, stop, MOUNTINFO)
+        assert source.start()
+        try:
+            with disks(tmp_path) as d:
+                d.tmpfs(tmp_path / "pod-0", size_mib=1)
+            return until(lambda: waker.wakeups["mount"] >= 1) and source.ignored == 0
+        finally:
+            stop.set()
+
+    assert in_private_mount_namespace(scenario)
+
+
+def test_udev_interest_covers_the_devices_of_the_discovery_dirs(tmp_path: Path) -> None:
+    """What a udev event must touch to wake the loop, read from real devices and mounts."""
+    ok, why = can_make_disks()
+    require(ok, why)
+    disc = tmp_path / "disks"
+    disc.mkdir()
+    stop = threading.Event()
+
+    def numbers(device: str) -> list[str]:
+        return _numbers(pyudev.Devices.from_device_file(pyudev.Context(), device))
+
+    def scenario() -> None:
+        source = UdevSource(Waker(threading.Event()), stop, dirs=lambda: [str(disc)],
+                            mountinfo=MOUNTINFO)
+        with disks(tmp_path) as d:
+            raw, mounted, other = d.loop("raw"), d.loop("fs", fs="ext4"), d.loop("other")
+            (disc / "raw").symlink_to(raw)
+            d.mount(mounted, disc / "fs")
+            interest = source.interest()
+            assert not interest.everything
+            assert interest.matters(numbers(raw)) and interest.matters(numbers(mounted))
+            assert not interest.matters(numbers(other))  # a device discovery cannot see
+            (disc / "gone").symlink_to("/dev/no-such-disk")  # a new device may complete it
+            assert source.interest().matters(numbers(other))
+
+    in_private_mount_namespace(scenario)

@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from agent.kube import ApiError
-from tests.unit.fake_kube import FakeKube
+from devkit.fake_kube import FakeKube
 
 PV_PATH = re.compile(r"^/api/v1/persistentvolumes(?:/([^/]+))?$")
 NODE_PATH = re.compile(r"^/api/v1/nodes/([^/]+)$")

@@ -19,8 +19,8 @@ from agent.loop import Hooks, PassResult, Reconciler
 from agent.pvcache import PVWatcher
 from agent.settings import RunSettings
 from agent.volumes import pv_name
+from devkit.fake_kube import FakeKube
 from tests.unit.fake_host import FakeHost
-from tests.unit.fake_kube import FakeKube
 
 NODE, HOSTNAME, CLASS = "node-1", "host-1", "local-storage"
 

@@ -19,7 +19,7 @@ import yaml
 from agent import cli
 from agent.discovery import Discovery, Exclusion, Reason, Volume
 from agent.volumes import NodeInfo, pv_manifest
-from tests.unit.fake_kube import FakeKube
+from devkit.fake_kube import FakeKube
 from tests.unit.rig import CLASS, Rig, eventually
 
 

@@ -12,8 +12,8 @@ import pytest
 
 from agent.kube import ApiError, ClusterKube, Kube
 from agent.pv import rfc3339
+from devkit.fake_kube import FakeKube
 from tests.unit.fake_apiserver import serving
-from tests.unit.fake_kube import FakeKube
 
 SELECTOR = "app.kubernetes.io/managed-by=localpv-agent"
 

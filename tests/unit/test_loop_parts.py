@@ -17,7 +17,7 @@ from agent.notices import Notice, Once, Reason, Scope
 from agent.pv import CleaningRecord, CleaningState
 from agent.pvcache import PVCache, PVWatcher
 from agent.volumes import NodeInfo
-from tests.unit.fake_kube import FakeKube
+from devkit.fake_kube import FakeKube
 from tests.unit.rig import CLASS, NODE, Rig, eventually
 
 SELECTOR = "app.kubernetes.io/managed-by=localpv-agent"
