@@ -38,8 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.cluster_scale import NODE, VOLUMES, fill  # noqa: E402
-from tests.disks import Disks, sh  # noqa: E402
-from tests.e2e.agents import (  # noqa: E402
+from devkit.agents import (  # noqa: E402
     Agent,
     build_binaries,
     class_config,
@@ -47,7 +46,8 @@ from tests.e2e.agents import (  # noqa: E402
     items,
     wait_for,
 )
-from tests.harness.controlplane import ControlPlane  # noqa: E402
+from devkit.controlplane import ControlPlane  # noqa: E402
+from devkit.disks import Disks, sh  # noqa: E402
 
 MODES = ("previous", "kubeconfig", "in-cluster")
 STEADY_SECONDS = 20.0
@@ -112,7 +112,7 @@ class ModeAgent(Agent):
                 [sys.executable, "-c", code, "run", "--config", str(self.config),
                  "--node-name", self.node, *flags,
                  "--listen-address", "127.0.0.1:0", "--port-file", str(self.port_file),
-                 "--state-dir", str(self.workdir / f"state-{self.node}"), *self.extra],
+                 "--state-dir", str(self.state_dir), *self.extra],
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         return self
 
