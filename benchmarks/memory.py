@@ -33,12 +33,9 @@ from typing import Any
 
 import psutil
 import yaml
+from cluster_scale import NODE, VOLUMES, fill  # the sibling benchmark, run as a script too
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from benchmarks.cluster_scale import NODE, VOLUMES, fill  # noqa: E402
-from devkit.agents import (  # noqa: E402
+from devkit.agents import (
     Agent,
     build_binaries,
     class_config,
@@ -46,8 +43,10 @@ from devkit.agents import (  # noqa: E402
     items,
     wait_for,
 )
-from devkit.controlplane import ControlPlane  # noqa: E402
-from devkit.disks import Disks, sh  # noqa: E402
+from devkit.controlplane import ControlPlane
+from devkit.disks import Disks, sh
+
+REPO = Path(__file__).resolve().parent.parent
 
 MODES = ("previous", "kubeconfig", "in-cluster")
 STEADY_SECONDS = 20.0
