@@ -48,9 +48,9 @@ def test_the_package_completes_itself_for_any_other_user() -> None:
         "import json, agent.kube, kubernetes\n"
         "from kubernetes import client, config, watch\n"
         "print(json.dumps({'version': kubernetes.__version__,\n"
-        "    'api': client.CoreV1Api.__name__, 'dynamic': kubernetes.dynamic.__name__,\n"
+        "    'api': client.ApiClient.__name__, 'dynamic': kubernetes.dynamic.__name__,\n"
         "    'loader': config.load_kube_config.__name__, 'watch': watch.Watch.__name__}))\n")
-    assert found["api"] == "CoreV1Api"
+    assert found["api"] == "ApiClient"
     assert found["dynamic"] == "kubernetes.dynamic"
     assert found["loader"] == "load_kube_config"
     assert found["watch"] == "Watch"
