@@ -9,20 +9,63 @@ verb and outcome, for metrics and for the benchmarks that claim the agent is lig
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import json
 import logging
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
+from urllib.parse import quote, urlencode
 
-from kubernetes import client, config, watch
-from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
-from agent.pv import rfc3339
-from agent.volumes import NodeInfo
+
+def _deferred_package(name: str) -> None:
+    """Register the package `name` without running its `__init__`, so its submodules load alone.
+
+    `import kubernetes` runs an `__init__` that loads the whole client (its config loaders with
+    oauthlib and requests, dynamic, stream, the pydantic ApiClient): ~25 MiB the agent never
+    uses. The package's module object is made from its own spec, so it has the real `__path__`
+    and submodules import as usual; the first attribute that is not a submodule (say
+    `kubernetes.__version__`) runs the real `__init__` into that same object, so any other user
+    in the process still sees the whole package. A package already imported is left as it is.
+    """
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None or spec.submodule_search_locations is None:
+        raise ImportError(f"{name} is not an importable package")
+    module = importlib.util.module_from_spec(spec)
+    loader = spec.loader
+
+    def complete(attr: str) -> Any:
+        if not attr.startswith("__") and importlib.util.find_spec(f"{name}.{attr}") is not None:
+            return importlib.import_module(f"{name}.{attr}")
+        del module.__dict__["__getattr__"]  # from here on it is the real package
+        loader.exec_module(module)
+        return getattr(module, attr)
+
+    module.__dict__["__getattr__"] = complete
+    sys.modules[name] = module
+    parent, _, child = name.rpartition(".")
+    if parent:
+        setattr(sys.modules[parent], child, module)
+
+
+_deferred_package("kubernetes")
+_deferred_package("kubernetes.config")  # its __init__ loads the kubeconfig loader, in-cluster too
+
+from kubernetes.client.configuration import Configuration  # noqa: E402
+from kubernetes.client.exceptions import ApiException  # noqa: E402
+from kubernetes.client.rest import RESTClientObject, RESTResponse  # noqa: E402
+from kubernetes.watch.watch import iter_resp_lines  # noqa: E402
+
+from agent.pv import rfc3339  # noqa: E402
+from agent.volumes import NodeInfo  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -58,31 +101,32 @@ class Kube:
 
     def __init__(self, kubeconfig: str | None = None, observe: RequestObserver | None = None,
                  timeout: float = 30.0) -> None:
-        cfg = client.Configuration()
-        if kubeconfig:
-            config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+        cfg = Configuration()
+        if kubeconfig:  # out of the cluster only: this loader brings oauthlib and pydantic
+            kube_config = importlib.import_module("kubernetes.config.kube_config")
+            kube_config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
         else:
-            config.load_incluster_config(client_configuration=cfg)
+            in_cluster = importlib.import_module("kubernetes.config.incluster_config")
+            in_cluster.load_incluster_config(client_configuration=cfg)
         # No retries inside the client: a stalled API would hold one call for several
         # timeouts. The agent retries with its own backoff, and each failure shows.
         cfg.retries = 0
-        self._api = client.ApiClient(cfg)
-        self._core = client.CoreV1Api(self._api)
+        self._api = _Rest(cfg)
+        self._core = _Group(self._api, "/api/v1", CORE_V1)
         self._timeout = timeout
         self.requests: Counter[tuple[str, str]] = Counter()  # (verb, "ok" | "error")
         self._requests_lock = threading.Lock()  # requests come from several threads
         self.reachable = False  # did the last request get an answer from a healthy server?
         self._observe = observe
 
-    # The other API groups are built on first use: each imports its generated models, seconds
-    # of CPU with the client's pydantic models, which an agent without Jobs never needs.
+    # The other API groups are built on first use.
     @functools.cached_property
-    def _storage(self) -> Any:
-        return client.StorageV1Api(self._api)
+    def _storage(self) -> _Group:
+        return _Group(self._api, "/apis/storage.k8s.io/v1", STORAGE_V1)
 
     @functools.cached_property
-    def _batch(self) -> Any:
-        return client.BatchV1Api(self._api)
+    def _batch(self) -> _Group:
+        return _Group(self._api, "/apis/batch/v1", BATCH_V1)
 
     def request_counts(self) -> dict[tuple[str, str], int]:
         """Requests so far by (verb, "ok" | "error"), read safely from any thread."""
@@ -152,7 +196,7 @@ class Kube:
                **params: str) -> Iterator[tuple[str, Any]]:
         """One watch request: its events as (type, raw object). Every failure is an ApiError
         (0 when no status came back), and an in-stream ERROR event is the 410 it carries."""
-        w = watch.Watch()
+        w = _Watch()
         start = time.monotonic()
         try:
             for event in w.stream(
@@ -165,8 +209,7 @@ class Kube:
             self._count("watch", "error", time.monotonic() - start, exc.status or 0)
             raise ApiError("watch", exc.status or 0, str(exc.reason)) from None
         except KeyError:
-            # An in-stream ERROR event (the apiserver's 410 for an expired resourceVersion):
-            # with deserialize=False the client fails to read it (KeyError 'raw_object').
+            # An in-stream ERROR event (the apiserver's 410 for an expired resourceVersion).
             self._count("watch", "error", time.monotonic() - start, 410)
             raise ApiError("watch", 410, "the watch ended with an error event (its "
                                          "resourceVersion expired)") from None
@@ -208,9 +251,9 @@ class Kube:
 
     def delete_pv(self, name: str, uid: str, resource_version: str | None = None) -> None:
         """Delete a PV only if it is still exactly the object that was decided on."""
-        pre = client.V1Preconditions(uid=uid, resource_version=resource_version)
+        options = _delete_options(uid, resource_version)
         self._call("delete", lambda: self._core.delete_persistent_volume(
-            name, body=client.V1DeleteOptions(preconditions=pre),
+            name, body=options,
             _preload_content=False, _request_timeout=self._timeout))
 
     def emit_event(self, obj: Mapping[str, str], event_type: str, reason: str, message: str,
@@ -255,7 +298,7 @@ class Kube:
 
     def delete_job(self, namespace: str, name: str) -> None:
         """Delete a finished Job and its pods."""
-        options = client.V1DeleteOptions(propagation_policy="Background")
+        options = {"propagationPolicy": "Background"}
         self._call("delete", lambda: self._batch.delete_namespaced_job(
             name, namespace, body=options, _preload_content=False,
             _request_timeout=self._timeout))
@@ -338,12 +381,12 @@ class ClusterKube(Kube):
              ("pods", "list_pod_for_all_namespaces"))  # the kinds list_all and watch_all know
 
     @functools.cached_property
-    def _apps(self) -> Any:
-        return client.AppsV1Api(self._api)
+    def _apps(self) -> _Group:
+        return _Group(self._api, "/apis/apps/v1", APPS_V1)
 
     @functools.cached_property
-    def _coordination(self) -> Any:
-        return client.CoordinationV1Api(self._api)
+    def _coordination(self) -> _Group:
+        return _Group(self._api, "/apis/coordination.k8s.io/v1", COORDINATION_V1)
 
     def list_all(self, kind: str, field_selector: str = "",
                  limit: int = 500) -> tuple[list[dict[str, Any]], str]:
@@ -369,9 +412,9 @@ class ClusterKube(Kube):
 
     def delete_pvc(self, namespace: str, name: str, uid: str, resource_version: str) -> None:
         """Delete a claim only if it is still exactly the object that was decided on."""
-        pre = client.V1Preconditions(uid=uid, resource_version=resource_version or None)
+        options = _delete_options(uid, resource_version or None)
         self._call("delete", lambda: self._core.delete_namespaced_persistent_volume_claim(
-            name, namespace, body=client.V1DeleteOptions(preconditions=pre),
+            name, namespace, body=options,
             _preload_content=False, _request_timeout=self._timeout))
 
     def list_pods(self, namespace: str) -> list[dict[str, Any]]:
@@ -405,3 +448,148 @@ class ClusterKube(Kube):
             if exc.not_found:
                 return None
             raise
+
+
+# -- the REST layer ------------------------------------------------------------------------------
+#
+# The generated API classes (CoreV1Api...) import a pydantic model for every kind they name,
+# ~25 MiB for the three groups the agent uses, only to send dicts and read bytes. The agent's
+# calls are these few paths; each is called as the generated method of the same name (path
+# parameters first, then the body), over the client's own Configuration (TLS, proxy, token
+# refresh) and RESTClientObject (urllib3 pool, keep-alive).
+
+_NS = "namespaces/{namespace}/"
+Route = tuple[str, str, tuple[str, ...]]  # HTTP verb, path in the group, path parameters
+CORE_V1: dict[str, Route] = {
+    "read_node": ("GET", "nodes/{name}", ("name",)),
+    "list_node": ("GET", "nodes", ()),
+    "patch_node": ("PATCH", "nodes/{name}", ("name",)),
+    "read_persistent_volume": ("GET", "persistentvolumes/{name}", ("name",)),
+    "list_persistent_volume": ("GET", "persistentvolumes", ()),
+    "create_persistent_volume": ("POST", "persistentvolumes", ()),
+    "patch_persistent_volume": ("PATCH", "persistentvolumes/{name}", ("name",)),
+    "delete_persistent_volume": ("DELETE", "persistentvolumes/{name}", ("name",)),
+    "create_namespaced_event": ("POST", _NS + "events", ("namespace",)),
+    "list_pod_for_all_namespaces": ("GET", "pods", ()),
+    "list_namespaced_pod": ("GET", _NS + "pods", ("namespace",)),
+    "read_namespaced_persistent_volume_claim": (
+        "GET", _NS + "persistentvolumeclaims/{name}", ("name", "namespace")),
+    "delete_namespaced_persistent_volume_claim": (
+        "DELETE", _NS + "persistentvolumeclaims/{name}", ("name", "namespace")),
+}
+STORAGE_V1: dict[str, Route] = {"read_storage_class": ("GET", "storageclasses/{name}", ("name",))}
+BATCH_V1: dict[str, Route] = {
+    "create_namespaced_job": ("POST", _NS + "jobs", ("namespace",)),
+    "read_namespaced_job": ("GET", _NS + "jobs/{name}", ("name", "namespace")),
+    "delete_namespaced_job": ("DELETE", _NS + "jobs/{name}", ("name", "namespace")),
+}
+APPS_V1: dict[str, Route] = {
+    "read_namespaced_stateful_set": ("GET", _NS + "statefulsets/{name}", ("name", "namespace")),
+}
+COORDINATION_V1: dict[str, Route] = {
+    "read_namespaced_lease": ("GET", _NS + "leases/{name}", ("name", "namespace")),
+    "create_namespaced_lease": ("POST", _NS + "leases", ("namespace",)),
+    "replace_namespaced_lease": ("PUT", _NS + "leases/{name}", ("name", "namespace")),
+}
+
+
+def _delete_options(uid: str, resource_version: str | None) -> dict[str, Any]:
+    """DeleteOptions whose preconditions are the UID (and version) that was decided on."""
+    pre = {"uid": uid} if resource_version is None else {
+        "uid": uid, "resourceVersion": resource_version}
+    return {"preconditions": pre}
+
+
+def _camel(name: str) -> str:
+    """A query parameter as the API spells it: label_selector -> labelSelector."""
+    head, *rest = name.lstrip("_").split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+class _Rest:
+    """Requests over the client's RESTClientObject, authenticated as its ApiClient would."""
+
+    def __init__(self, cfg: Configuration) -> None:
+        self.configuration = cfg
+        self._rest = RESTClientObject(cfg)
+
+    def request(  # noqa: PLR0913 - the generated methods' options, passed through
+            self, verb: str, path: str, query: Mapping[str, Any], body: Any = None, *,
+            content_type: str | None = None, timeout: Any = None) -> Any:
+        """The urllib3 response of a 2xx answer, unread; ApiException for any other status."""
+        params = {_camel(k): ("true" if v is True else "false" if v is False else v)
+                  for k, v in query.items() if v is not None and v != ""}
+        url = self.configuration.host + path + (f"?{urlencode(params)}" if params else "")
+        headers = {"Accept": "application/json", "User-Agent": COMPONENT}
+        if body is not None:
+            if content_type is None and verb == "PATCH":
+                content_type = ("application/json-patch+json" if isinstance(body, list)
+                                else "application/strategic-merge-patch+json")
+            headers["Content-Type"] = content_type or "application/json"
+        auths: dict[str, Any] = dict(self.configuration.auth_settings())  # refreshes tokens
+        for auth in auths.values():
+            if auth["in"] == "header" and auth["value"]:
+                headers[auth["key"]] = auth["value"]
+        response: RESTResponse = self._rest.request(verb, url, headers=headers, body=body,
+                                                    _request_timeout=timeout)
+        if not 200 <= response.status <= 299:
+            response.read()
+            raise ApiException.from_response(http_resp=response, body=None, data=None)
+        return response.response
+
+
+class _Group:
+    """One API group's calls, named and called as the generated client's methods are."""
+
+    def __init__(self, api: _Rest, prefix: str, routes: Mapping[str, Route]) -> None:
+        self.api_client = api
+        self._prefix = prefix
+        self._routes = routes
+
+    def __getattr__(self, method: str) -> Callable[..., Any]:
+        try:
+            verb, template, names = self._routes[method]
+        except KeyError:
+            raise AttributeError(method) from None
+        prefix, api = self._prefix, self.api_client
+
+        def call(*args: Any, _preload_content: bool = False, _request_timeout: Any = None,
+                 _content_type: str | None = None, **query: Any) -> Any:
+            del _preload_content  # always raw: the caller reads the JSON itself
+            values = {k: quote(str(v), safe="") for k, v in zip(names, args, strict=False)}
+            body = args[len(names)] if len(args) > len(names) else query.pop("body", None)
+            path = f"{prefix}/{template.format(**values)}"
+            return api.request(verb, path, query, body, content_type=_content_type,
+                               timeout=_request_timeout)
+
+        call.__name__ = method
+        return call
+
+
+class _Watch:
+    """A watch request read line by line: its events as the API sends them, plain dicts."""
+
+    def __init__(self) -> None:
+        self._response: Any = None
+
+    def stream(self, lister: Callable[..., Any], deserialize: bool = False,
+               **params: Any) -> Iterator[dict[str, Any]]:
+        del deserialize  # always raw: objects stay the API's JSON
+        self._response = lister(watch=True, **params)
+        try:
+            for line in iter_resp_lines(self._response):
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                if event.get("type") == "ERROR":  # a Status, e.g. the 410 of an expired version
+                    raise KeyError(str((event.get("object") or {}).get("message", "")))
+                yield event
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        """Close the stream: its connection is not reused half read."""
+        response, self._response = self._response, None
+        if response is not None:
+            response.close()
+            response.release_conn()
