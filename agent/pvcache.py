@@ -15,12 +15,10 @@ import threading
 from collections.abc import Callable, Mapping
 
 from agent import pv as pvs
-from agent.backoff import Backoff
 from agent.kube import PV, ApiError, Kube
+from agent.watching import follow
 
 log = logging.getLogger(__name__)
-
-RELIST_PAUSE_MAX = 5.0  # seconds: a watch expiring again and again never makes a tight loop
 
 
 class PVCache:
@@ -149,26 +147,7 @@ class PVWatcher:
         self._thread.start()
 
     def run(self) -> None:
-        backoff = Backoff()
-        while not self.stop.is_set():
-            try:
-                self.round()
-                backoff.reset()
-            except ApiError as exc:
-                self.cache.expire()  # the relist also proves the API is back
-                if self.stop.is_set():
-                    return  # the agent is stopping: its requests fail, quietly
-                if exc.gone:
-                    log.info("PV watch expired; listing again")
-                    self.stop.wait(min(backoff.next_delay(), RELIST_PAUSE_MAX))
-                    continue
-                delay = backoff.next_delay()
-                log.warning("PV watch failed, retrying in %.0fs with a fresh list: %s", delay, exc)
-                self.stop.wait(delay)
-            except Exception:  # the cache must not silently go stale: log, relist, go on
-                log.exception("PV watch crashed; listing again")
-                self.cache.expire()
-                self.stop.wait(backoff.next_delay())
+        follow("PV", self.round, self.cache.expire, self.stop)
 
     def round(self) -> None:
         """List when needed, then follow one watch request until it ends."""

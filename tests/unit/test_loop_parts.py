@@ -32,7 +32,7 @@ def pv(name: str, labels: dict[str, str] | None = None, phase: str = "Available"
 @pytest.fixture
 def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """Retries after milliseconds, not seconds."""
-    for module in ("agent.loop", "agent.pvcache"):
+    for module in ("agent.loop", "agent.watching"):
         monkeypatch.setattr(f"{module}.Backoff", lambda: Backoff(0.01, 0.02))
 
 
