@@ -224,9 +224,23 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def api_get(cluster: ControlPlane, path: str) -> dict[str, Any] | None:
+    """GET as admin: the object, or None when it does not exist. A loaded machine sometimes
+    drops a request (status 0) or the apiserver answers 5xx: asked again, never read as gone."""
+    deadline = time.monotonic() + 30
+    while True:
+        status, body = cluster.api("GET", path)
+        if status == 200 and isinstance(body, dict):
+            return body
+        if status == 404:
+            return None
+        assert time.monotonic() < deadline, f"GET {path}: HTTP {status}: {body}"
+        time.sleep(0.5)
+
+
 def items(cluster: ControlPlane, path: str) -> list[dict[str, Any]]:
-    status, body = cluster.api("GET", path)
-    assert status == 200, body
+    body = api_get(cluster, path)
+    assert body is not None, path
     return list(body.get("items") or [])
 
 
@@ -239,6 +253,27 @@ def pvs_of(cluster: ControlPlane, node: str) -> list[dict[str, Any]]:
         if node in values:
             found.append(pv)
     return found
+
+
+def bind_claim(cluster: ControlPlane, pv: dict[str, Any], claim: str,
+               timeout: float = 60.0) -> None:
+    """A claim in `default` pre-bound to `pv` (its class and mode): the PV controller binds it
+    at once; returns when the PV is Bound."""
+    name = pv["metadata"]["name"]
+    status, body = cluster.api("POST", "/api/v1/namespaces/default/persistentvolumeclaims", {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
+        "spec": {"storageClassName": pv["spec"]["storageClassName"],
+                 "volumeMode": pv["spec"].get("volumeMode", "Filesystem"),
+                 "accessModes": ["ReadWriteOnce"], "volumeName": name,
+                 "resources": {"requests": {"storage": "1Mi"}}},
+    })
+    assert status == 201, body
+
+    def phase() -> str | None:
+        status, body = cluster.api("GET", f"/api/v1/persistentvolumes/{name}")
+        return (body.get("status") or {}).get("phase") if status == 200 else None
+
+    wait_for(lambda: phase() == "Bound", timeout, f"claim {claim} bound to PV {name}")
 
 
 def events_for(cluster: ControlPlane, kind: str, name: str) -> list[dict[str, Any]]:
