@@ -20,6 +20,8 @@ from agent.watching import follow
 
 log = logging.getLogger(__name__)
 
+GONE_KEPT = 10_000  # deleted UIDs remembered; an event that late has long been relisted
+
 
 class PVCache:
     """This node's PVs by name, thread-safe; `version` is the resourceVersion to watch from
@@ -28,7 +30,9 @@ class PVCache:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pvs: dict[str, PV] = {}
-        self._deleted: set[str] = set()  # UIDs this agent deleted, until their DELETED event
+        # UIDs deleted (by this agent, or seen DELETED): a UID never comes back, so a late
+        # event or write response about one must not bring it back. Oldest forgotten first.
+        self._deleted: dict[str, None] = {}
         self.version = ""
 
     def replace(self, found: Mapping[str, PV], version: str) -> None:
@@ -40,8 +44,9 @@ class PVCache:
         with self._lock:
             name, uid = pvs.name(pv), pvs.uid(pv)
             if event_type == "DELETED":
-                self._pvs.pop(name, None)
-                self._deleted.discard(uid)
+                if pvs.uid(self._pvs.get(name) or {}) in ("", uid):
+                    self._pvs.pop(name, None)
+                self._gone(uid)
             elif event_type in ("ADDED", "MODIFIED") and uid not in self._deleted:
                 self._pvs[name] = pv
             self.version = pvs.resource_version(pv) or self.version
@@ -55,10 +60,13 @@ class PVCache:
         """This agent deleted the PV: late events about that object must not bring it back."""
         with self._lock:
             self._pvs.pop(name, None)
-            if uid:
-                self._deleted.add(uid)
-            if len(self._deleted) > 10_000:  # DELETED events normally empty it; bound it anyway
-                self._deleted.clear()
+            self._gone(uid)
+
+    def _gone(self, uid: str) -> None:
+        if uid:
+            self._deleted[uid] = None
+            if len(self._deleted) > GONE_KEPT:
+                del self._deleted[next(iter(self._deleted))]
 
     def put(self, pv: PV) -> None:
         """The response of this agent's own write. The watch may already have delivered a

@@ -107,6 +107,22 @@ def test_the_cache_keeps_its_own_deletes_and_newer_versions() -> None:
     assert cache.version == ""
 
 
+def test_a_deleted_pv_never_comes_back_from_a_late_response_or_event() -> None:
+    """A write's response read before the DELETED event but applied after it (the watch runs
+    on its own thread) must not bring the PV back: the cache would keep it until a relist."""
+    cache = PVCache()
+    old = {"metadata": {"name": "p", "uid": "u", "resourceVersion": "20"}}
+    cache.forget("p", "u")
+    cache.apply("DELETED", old)
+    cache.put(old)
+    cache.apply("MODIFIED", old)
+    assert cache.get("p") is None
+    fresh = {"metadata": {"name": "p", "uid": "v", "resourceVersion": "22"}}
+    cache.put(fresh)  # the same name, a new object: kept
+    cache.apply("DELETED", old)  # a late event about the old one removes nothing
+    assert cache.get("p") == fresh
+
+
 # -- Events ------------------------------------------------------------------------------------
 
 
