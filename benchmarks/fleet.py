@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import statistics
 import sys
@@ -31,6 +32,8 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from devkit.agents import NO_JITTER, build_binaries, install_agent, wait_for
 from devkit.controlplane import ControlPlane
@@ -57,13 +60,25 @@ def startup(fleet: Fleet, audit: AuditLog, timeout: float) -> dict[str, Any]:
     names = fleet.wait_pvs(60)
     creates = [r for r in audit.since(start) if r.verb == "create"
                and r.resource == "persistentvolumes" and r.code == 201 and r.name in names]
+    cpu = agents_cpu(fleet)
     first: dict[str, float] = {}
     for r in creates:
         first.setdefault(names[r.name], r.received - start)
     firsts = sorted(first.values())
     return {"pvs": len(names), "all_pvs_s": round(max(r.received for r in creates) - start, 1),
             "first_pv_p50_s": round(statistics.median(firsts), 1),
-            "first_pv_max_s": round(firsts[-1], 1), "agents_with_a_pv": len(first)}
+            "first_pv_max_s": round(firsts[-1], 1), "agents_with_a_pv": len(first),
+            "agent_cpu_s_mean": round(statistics.mean(cpu), 2), "load_avg_1m": os.getloadavg()[0]}
+
+
+def agents_cpu(fleet: Fleet) -> list[float]:
+    """CPU seconds (user and system) each agent process has used so far."""
+    found = []
+    for agent in fleet.agents:
+        assert agent.proc is not None
+        times = psutil.Process(agent.proc.pid).cpu_times()
+        found.append(times.user + times.system)
+    return found
 
 
 def watching(audit: AuditLog, nodes: list[str], since: float) -> bool:
@@ -77,17 +92,22 @@ def steady(cluster: ControlPlane, fleet: Fleet | None, audit: AuditLog,
            seconds: float) -> dict[str, Any]:
     """apiserver_request_total over a window (and the agents' own view of it)."""
     own0 = fleet.request_counts() if fleet else {}
+    cpu0 = agents_cpu(fleet) if fleet else []
     before, t0 = apiserver_requests(cluster.metrics_text()), time.time()
     time.sleep(seconds)
     after, t1 = apiserver_requests(cluster.metrics_text()), time.time()
     own1 = fleet.request_counts() if fleet else {}
+    cpu1 = agents_cpu(fleet) if fleet else []
     minutes = (t1 - t0) / 60
     audited = Counter((r.verb, r.resource) for r in audit.since(t0, t1))
     return {"minutes": round(minutes, 2),
             "apiserver": {f"{v} {r}": (after[(v, r)] - before.get((v, r), 0.0)) / minutes
                           for v, r in after if after[(v, r)] > before.get((v, r), 0)},
             "audit": {f"{v} {r}": n / minutes for (v, r), n in audited.items()},
-            "own": {m: (own1[m] - own0.get(m, 0)) / minutes for m in own1}}
+            "own": {m: (own1[m] - own0.get(m, 0)) / minutes for m in own1},
+            "agent_cpu_percent_mean": round(100 * (sum(cpu1) - sum(cpu0)) / len(cpu1) / (t1 - t0),
+                                            3) if cpu1 else None,
+            "load_avg_1m": os.getloadavg()[0]}
 
 
 def storm(cluster: ControlPlane, fleet: Fleet, audit: AuditLog, timeout: float,
@@ -111,7 +131,7 @@ def storm(cluster: ControlPlane, fleet: Fleet, audit: AuditLog, timeout: float,
     first = min((r.received for r in lists), default=stopped)
     relists = sorted(ok.values())
     return {
-        "mode": mode, "ready_after_s": round(down, 1),
+        "mode": mode, "ready_after_s": round(down, 1), "load_avg_1m": os.getloadavg()[0],
         "first_list_after_s": round(first - stopped, 1),
         "lists": len(lists), "list_codes": dict(Counter(r.code for r in lists)),
         "agents_relisted": len(ok), "watches": len(watches),
@@ -139,9 +159,10 @@ def table(header: tuple[str, ...], rows: list[tuple[object, ...]]) -> None:
 def report(args: argparse.Namespace, up: dict[str, Any], load: dict[str, Any],
            idle: dict[str, Any], storms: list[dict[str, Any]]) -> None:
     n = args.agents
-    table(("agents", "disks each", "PVs", "all PVs s", "first PV p50 s", "first PV max s"),
+    table(("agents", "disks each", "PVs", "all PVs s", "first PV p50 s", "first PV max s",
+           "CPU s per agent by then", "load avg"),
           [(n, args.disks, up["pvs"], up["all_pvs_s"], up["first_pv_p50_s"],
-            up["first_pv_max_s"])])
+            up["first_pv_max_s"], up["agent_cpu_s_mean"], up["load_avg_1m"])])
     keys = sorted(set(load["apiserver"]) | set(load["audit"]) | set(idle["apiserver"]))
     rows = []
     for key in keys:
@@ -156,6 +177,8 @@ def report(args: argparse.Namespace, up: dict[str, Any], load: dict[str, Any],
            "difference /agent/min", "agents' own (audit) /agent/min"), rows)
     table(("agent counter (method)", "/agent/min"),
           [(m, f"{v / n:.3f}") for m, v in sorted(load["own"].items())])
+    print(f"steady: {load['minutes']} min with the agents (each {load['agent_cpu_percent_mean']}% "
+          f"of a core, load avg {load['load_avg_1m']:.1f}), {idle['minutes']} min without\n")
     table(("jitter", "ready s", "first LIST s", "LISTs (by code)", "agents relisted",
            "relist spread s", "peak LIST/s", "peak relist/s", "peak relist/100ms",
            "peak WATCH/s"),
@@ -169,16 +192,16 @@ def report(args: argparse.Namespace, up: dict[str, Any], load: dict[str, Any],
             print(f"{s['mode']}: {key} from the first LIST: {s[key]}")
 
 
-def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any],
-                                          list[dict[str, Any]]]:
-    """The three parts, on one control plane; everything it started is undone."""
+def run(args: argparse.Namespace, done: dict[str, Any]) -> None:
+    """The three parts, on one control plane, each recorded in `done` when it is measured;
+    everything it started is undone."""
     work = Path(tempfile.mkdtemp(prefix="localpv-fleet."))
     audit = AuditLog(work / "audit")
     cluster = ControlPlane(work / "cluster", build_binaries(),
                            apiserver_args=audit.apiserver_args())
     disks = Disks(work)
     fleet: Fleet | None = None
-    storms: list[dict[str, Any]] = []
+    storms: list[dict[str, Any]] = done["storms"]
     try:
         log(f"control plane with {args.agents} nodes")
         cluster.start(nodes=args.agents, timeout=120 + 2 * args.agents)
@@ -188,20 +211,20 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[
                       "--resync-period", RESYNC)
         fleet.prepare(add_nodes=False)
         log(f"starting {args.agents} agents")
-        up = startup(fleet, audit, args.timeout)
+        up = done["startup"] = startup(fleet, audit, args.timeout)
         log(f"startup: {up}")
         fleet.wait_ready(args.timeout)
         wait_for(lambda: watching(audit, nodes, fleet.started_at), args.timeout,
                  "every agent watching")
         time.sleep(args.settle)
         log(f"steady window of {args.window:.0f}s, agents on")
-        load = steady(cluster, fleet, audit, args.window)
+        done["steady_agents_on"] = steady(cluster, fleet, audit, args.window)
         log("apiserver restart, agents with their jitter")
         storms.append(storm(cluster, fleet, audit, args.timeout, "as is"))
         fleet.stop()
         time.sleep(args.settle)
         log(f"steady window of {args.baseline_window:.0f}s, agents off")
-        idle = steady(cluster, None, audit, args.baseline_window)
+        done["steady_agents_off"] = steady(cluster, None, audit, args.baseline_window)
         log("agents without jitter")
         fleet.start(prelude=NO_JITTER)
         fleet.wait_ready(args.timeout)
@@ -215,7 +238,6 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[
             fleet.stop()
         cluster.stop()
         disks.cleanup()
-    return up, load, idle, storms
 
 
 def main() -> int:
@@ -233,15 +255,17 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=600, help="for startup and storms (s)")
     parser.add_argument("--json", default="benchmarks/results/fleet.json")
     args = parser.parse_args()
-    up, load, idle, storms = run(args)
-    report(args, up, load, idle, storms)
+    done: dict[str, Any] = {"agents": args.agents, "disks": args.disks,
+                            "resync_period_s": float(RESYNC), "storms": []}
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"agents": args.agents, "disks": args.disks,
-                               "resync_period_s": float(RESYNC), "startup": up,
-                               "steady_agents_on": load, "steady_agents_off": idle,
-                               "storms": storms}, indent=2))
-    print(f"wrote {out}", file=sys.stderr)
+    try:
+        run(args, done)
+    finally:  # what was measured is kept, also when a later part failed
+        out.write_text(json.dumps(done, indent=2))
+        print(f"wrote {out}", file=sys.stderr)
+    report(args, done["startup"], done["steady_agents_on"], done["steady_agents_off"],
+           done["storms"])
     return 0
 
 

@@ -76,8 +76,12 @@ class Fleet:
         self.agents = []
 
     def wait_ready(self, timeout: float) -> None:
+        """Every agent serving /ready; many starting at once on few cores take minutes."""
         deadline = time.monotonic() + timeout
         for agent in self.agents:
+            wait_for(lambda a=agent: a.port_file.exists() and a.port_file.read_text(),  # type: ignore[misc]
+                     max(1.0, deadline - time.monotonic()), f"agent {agent.node} HTTP port",
+                     on_timeout=agent.log, interval=1.0)
             agent.wait_ready(max(1.0, deadline - time.monotonic()))
 
     def pvs(self) -> dict[str, str]:
