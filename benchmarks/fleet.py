@@ -99,7 +99,7 @@ def steady(cluster: ControlPlane, fleet: Fleet | None, audit: AuditLog,
     own1 = fleet.request_counts() if fleet else {}
     cpu1 = agents_cpu(fleet) if fleet else []
     minutes = (t1 - t0) / 60
-    audited = Counter((r.verb, r.resource) for r in audit.since(t0, t1))
+    audited = Counter((r.verb.upper(), r.resource) for r in audit.since(t0, t1))
     return {"minutes": round(minutes, 2),
             "apiserver": {f"{v} {r}": (after[(v, r)] - before.get((v, r), 0.0)) / minutes
                           for v, r in after if after[(v, r)] > before.get((v, r), 0)},
@@ -162,7 +162,7 @@ def report(args: argparse.Namespace, up: dict[str, Any], load: dict[str, Any],
     table(("agents", "disks each", "PVs", "all PVs s", "first PV p50 s", "first PV max s",
            "CPU s per agent by then", "load avg"),
           [(n, args.disks, up["pvs"], up["all_pvs_s"], up["first_pv_p50_s"],
-            up["first_pv_max_s"], up["agent_cpu_s_mean"], up["load_avg_1m"])])
+            up["first_pv_max_s"], up["agent_cpu_s_mean"], f"{up['load_avg_1m']:.0f}")])
     keys = sorted(set(load["apiserver"]) | set(load["audit"]) | set(idle["apiserver"]))
     rows = []
     for key in keys:
@@ -254,7 +254,18 @@ def main() -> int:
                         help="seconds to let startup work (Events, first passes) finish")
     parser.add_argument("--timeout", type=float, default=600, help="for startup and storms (s)")
     parser.add_argument("--json", default="benchmarks/results/fleet.json")
+    parser.add_argument("--report", metavar="JSON",
+                        help="print the tables of an earlier run's JSON; measure nothing")
     args = parser.parse_args()
+    if args.report:
+        done = json.loads(Path(args.report).read_text())
+        args.agents, args.disks = done["agents"], done["disks"]
+        for part in ("steady_agents_on", "steady_agents_off"):  # runs before verbs were upper
+            done[part]["audit"] = {k.split()[0].upper() + " " + k.split()[1]: v
+                                   for k, v in done[part]["audit"].items()}
+        report(args, done["startup"], done["steady_agents_on"], done["steady_agents_off"],
+               done["storms"])
+        return 0
     done: dict[str, Any] = {"agents": args.agents, "disks": args.disks,
                             "resync_period_s": float(RESYNC), "storms": []}
     out = Path(args.json)
