@@ -8,15 +8,19 @@
    agents running, minus the same rate in a window with them stopped: the controller-manager,
    scheduler and KWOK make requests too), beside the agents' requests in the audit log (their
    ServiceAccount only) and their own counters.
-3. The relist storm after an apiserver restart (stopped and started on the same etcd and port):
-   the agents' LIST and WATCH requests per second after it, with the agents' jitter as it is,
-   and without it (devkit.agents.NO_JITTER, the baseline) in the same run.
+3. The relist storm after an apiserver restart (SIGTERM, SIGKILL 5 s later, started again on
+   the same etcd and port): the agents' LIST and WATCH requests per second from the first LIST
+   that reached it, with the agents' jitter as it is, and without it (devkit.agents.NO_JITTER,
+   the baseline) in the same run. "ready s" and "first LIST s" count from the SIGTERM; a LIST
+   answered 403 reached the apiserver before its authorizer was ready; a relist is an agent's
+   first LIST answered 200.
 
 Prints tables and writes JSON. Needs root (tmpfs mounts) and the control plane binaries
 (scripts/build-binaries). Never passes or fails on the numbers. Agents run with the default
 resync period (minResyncPeriod, 5m). About 15 minutes with the defaults:
 
     .venv/bin/python benchmarks/fleet.py [--agents 50] [--disks 10] [--window 300]
+    .venv/bin/python benchmarks/fleet.py --report benchmarks/results/fleet.json  # tables again
 """
 
 from __future__ import annotations
