@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Mapping
 
 from agent import pv as pvs
+from agent.backoff import watch_timeout
 from agent.kube import PV, ApiError, Kube
 from agent.watching import follow
 
@@ -163,7 +164,8 @@ class PVWatcher:
             found, version = self.kube.list_pv_snapshot(self.selector)
             self.cache.replace(found, version)
             self.on_change("")
-        for event_type, pv in self.kube.watch_pvs(self.selector, self.cache.version):
+        for event_type, pv in self.kube.watch_pvs(self.selector, self.cache.version,
+                                                  timeout_seconds=watch_timeout()):
             if self.stop.is_set():
                 return
             if event_type == "BOOKMARK":

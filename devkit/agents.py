@@ -91,13 +91,27 @@ def write_token_kubeconfig(cluster: ControlPlane, path: Path, account: str = "lo
     return path
 
 
+NO_JITTER = "import random\nrandom.random = lambda: 0.0\n"
+"""For benchmarks only, never for a real agent: a `prelude` that makes every random draw of
+the agent's process 0, run before the agent's modules are imported (their `rand` defaults are
+bound then). agent.backoff then waits each backoff delay in full (never shortened) and each
+resync period is exactly the minimum: agents that fail together retry together. The baseline
+that shows what the jitter is worth."""
+
+RUN_MAIN = "import sys\nfrom agent.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+
+
 class Agent:
-    """`localpv-agent run` for one node, logging to a file, with a random HTTP port."""
+    """`localpv-agent run` for one node, logging to a file, with a random HTTP port.
+
+    `prelude`: Python run in the agent's process before the agent's own modules (e.g.
+    NO_JITTER); the agent then starts as `python -c` instead of `python -m agent.cli`."""
 
     def __init__(self, node: str, config: Path, kubeconfig: Path, workdir: Path,
-                 *extra: str, wrapper: Sequence[str] = ()) -> None:
+                 *extra: str, wrapper: Sequence[str] = (), prelude: str = "") -> None:
         self.node = node
         self.wrapper = wrapper  # a command that execs the agent, e.g. prlimit
+        self.prelude = prelude
         self.config = config
         self.kubeconfig = kubeconfig
         self.workdir = workdir
@@ -108,9 +122,10 @@ class Agent:
 
     def start(self) -> Agent:
         self.port_file.unlink(missing_ok=True)
+        main = ["-c", self.prelude + RUN_MAIN] if self.prelude else ["-m", "agent.cli"]
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [*self.wrapper, sys.executable, "-m", "agent.cli", "run",
+                [*self.wrapper, sys.executable, *main, "run",
                  "--config", str(self.config),
                  "--node-name", self.node, "--kubeconfig", str(self.kubeconfig),
                  "--listen-address", "127.0.0.1:0", "--port-file", str(self.port_file),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.backoff import Backoff, exponential, resync_period
+from agent.backoff import Backoff, exponential, resync_period, watch_timeout
 from agent.events import EventRecorder
 from agent.kube import ApiError
 from agent.notices import Notice, Once, Reason, Scope
@@ -92,6 +92,28 @@ def test_a_crash_in_the_watch_relists_instead_of_going_stale(watching: tuple) ->
     eventually(lambda: kube.calls["list_pv_snapshot"] >= 2, timeout=15, what="a relist")
     kube.put_pv(pv("later"))
     eventually(lambda: cache.get("later"), timeout=15, what="the cache current again")
+
+
+def test_each_watch_asks_for_its_own_length_so_watches_begun_together_end_apart(
+        fast_backoff: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    kube = FakeKube(watch_timeout=0.01)
+    asked: list[int] = []
+    real = kube.watch_pvs
+
+    def watch(selector: str, version: str, timeout_seconds: int = 300) -> Iterator[tuple]:
+        asked.append(timeout_seconds)
+        return real(selector, version, timeout_seconds)
+
+    monkeypatch.setattr(kube, "watch_pvs", watch)
+    stop = threading.Event()
+    PVWatcher(kube, PVCache(), SELECTOR, stop, lambda s: None).start()
+    try:
+        eventually(lambda: len(asked) >= 5, what="five watch requests")
+    finally:
+        stop.set()
+        kube.close()
+    assert all(300 <= t < 600 for t in asked) and len(set(asked)) > 1, asked
+    assert (watch_timeout(rand=lambda: 0.0), watch_timeout(rand=lambda: 0.999)) == (300, 599)
 
 
 def test_the_cache_keeps_its_own_deletes_and_newer_versions() -> None:
