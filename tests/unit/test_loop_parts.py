@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import watching as watching_module
 from agent.backoff import Backoff, exponential, resync_period, watch_timeout
 from agent.events import EventRecorder
 from agent.kube import ApiError
@@ -33,7 +34,8 @@ def pv(name: str, labels: dict[str, str] | None = None, phase: str = "Available"
 def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """Retries after milliseconds, not seconds."""
     for module in ("agent.loop", "agent.watching"):
-        monkeypatch.setattr(f"{module}.Backoff", lambda: Backoff(0.01, 0.02))
+        monkeypatch.setattr(f"{module}.Backoff",
+                            lambda **kw: Backoff(0.01, 0.02, **kw))
 
 
 @pytest.fixture
@@ -380,6 +382,29 @@ def test_backoff_doubles_to_its_bound_with_jitter_that_only_shortens() -> None:
     assert resync_period(300.0, rand=lambda: 0.999) < 600.0
     spread = [resync_period(300.0) for _ in range(50)]
     assert len({int(p) for p in spread}) > 10 and all(300 <= p < 600 for p in spread)
+
+
+def test_relists_after_a_failure_spread_over_most_of_their_delay(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Agents that lost the API together must not relist together: the delay after a failed
+    watch is drawn from 10% to 100% of the backoff, never longer."""
+    waits: list[float] = []
+    stop = threading.Event()
+
+    def wait(delay: float) -> bool:
+        waits.append(delay)
+        return len(waits) >= 200
+
+    def failing() -> None:
+        raise ApiError("watch", 0, "connection refused")
+
+    monkeypatch.setattr(stop, "wait", wait)
+    monkeypatch.setattr(stop, "is_set", lambda: len(waits) >= 200)
+    monkeypatch.setattr(watching_module, "Backoff",
+                        lambda jitter: Backoff(jitter=jitter, maximum=1.0))
+    watching_module.follow("PV", failing, lambda: None, stop)
+    assert all(0.1 <= w <= 1.0 for w in waits)
+    assert min(waits) < 0.3 and max(waits) > 0.8  # spread, not bunched near the full delay
 
 
 def test_the_cleaning_record_round_trips_and_tolerates_anything() -> None:
