@@ -40,13 +40,16 @@ class PVCache:
 
     def apply(self, event_type: str, pv: PV) -> None:
         with self._lock:
-            name, uid = pvs.name(pv), pvs.uid(pv)
-            if event_type == "DELETED":
-                self._pvs.pop(name, None)
-                self._deleted.discard(uid)
-            elif event_type in ("ADDED", "MODIFIED") and uid not in self._deleted:
-                self._pvs[name] = pv
-            self.version = pvs.resource_version(pv) or self.version
+            self._apply(event_type, pv)
+
+    def _apply(self, event_type: str, pv: PV) -> None:
+        name, uid = pvs.name(pv), pvs.uid(pv)
+        if event_type == "DELETED":
+            self._pvs.pop(name, None)
+            self._deleted.discard(uid)
+        elif event_type in ("ADDED", "MODIFIED") and uid not in self._deleted:
+            self._pvs[name] = pv
+        self.version = pvs.resource_version(pv) or self.version
 
     def expire(self) -> None:
         """The watch cannot resume: the next round lists afresh."""
@@ -64,12 +67,12 @@ class PVCache:
 
     def put(self, pv: PV) -> None:
         """The response of this agent's own write. The watch may already have delivered a
-        newer version of the object; an older response must not replace it."""
+        newer version of the object; an older response must not replace it. One step under the
+        lock: the watch thread and the pass's writers put PVs at the same time."""
         with self._lock:
             cached = self._pvs.get(pvs.name(pv))
-        if cached is not None and pvs.newer(cached, pv):
-            return
-        self.apply("ADDED", pv)
+            if cached is None or not pvs.newer(cached, pv):
+                self._apply("ADDED", pv)
 
     def get(self, name: str) -> PV | None:
         with self._lock:
