@@ -24,7 +24,9 @@ from agent.volumes import NodeInfo
 
 log = logging.getLogger(__name__)
 
-QUEUE_LIMIT = 1000  # Events waiting to be posted; beyond it new ones are dropped (and logged)
+# Events waiting to be posted; beyond it new ones are dropped (and logged). Room for a
+# Provisioned Event per volume of a few thousand mounted at once, plus their conditions.
+QUEUE_LIMIT = 5000
 HOLD_MAX = 10.0  # seconds an Event waits for the pass's writes (`held`) before going anyway
 
 

@@ -275,7 +275,12 @@ class Reconciler:
     # -- one pass ------------------------------------------------------------------------------
 
     def sync(self) -> PassResult:
-        """One level-driven pass: host → desired PVs → plan against the cache → apply."""
+        """One level-driven pass: host → desired PVs → plan against the cache → apply. Events
+        wait meanwhile: passes back to back (many disks arriving) keep the API for the PVs."""
+        with self.events.held():
+            return self._sync()
+
+    def _sync(self) -> PassResult:
         started = time.monotonic()
         woken_at = self.waker.take_first_wake()
         self.recycler.collect()
