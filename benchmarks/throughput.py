@@ -35,7 +35,6 @@ from agent.volumes import pv_name
 from devkit.agents import Agent, build_binaries, install_agent, items, wait_for
 from devkit.controlplane import ControlPlane
 
-
 PASS_SECONDS = re.compile(
     r"^localpv_agent_discovery_pass_duration_seconds_sum ([0-9.e+]+)$", re.M)
 
