@@ -291,3 +291,23 @@ def test_other_errors_are_never_retried_here(api: tuple) -> None:
     with pytest.raises(ApiError) as failed:
         kube.create_pv(manifest("a"))
     assert failed.value.status == 503 and slept == []
+
+
+# -- the flag -------------------------------------------------------------------------------------
+
+
+def test_the_flag_is_documented_defaults_to_8_and_refuses_0(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.cli import _parser, _settings  # noqa: PLC0415
+
+    parser = _parser()
+    run = parser.parse_args(["run", "--node-name", "n"])
+    assert _settings(run, None).api_concurrency == 8
+    one = parser.parse_args(["run", "--node-name", "n", "--api-concurrency", "1"])
+    assert _settings(one, None).api_concurrency == 1
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--api-concurrency", "0"])
+    assert "must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--help"])
+    assert "--api-concurrency N" in capsys.readouterr().out
