@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 CONDITIONS = frozenset({Scope.MISSING, Scope.CHANGED, Scope.CAPACITY, Scope.CLASS_REMOVED})
 EVENTS_DRAIN = 1.0  # seconds queued Events get to be posted when the loop stops
 WAIT_TICK = 2.0  # seconds between heartbeats (and config checks) while waiting
+AVAILABLE_SETTLE = 2.0  # seconds a "new PV became Available" wake-up waits for company
 
 
 @dataclass
@@ -129,7 +130,7 @@ class Reconciler:
         self.wake = threading.Event()
         self.waker = Waker(self.wake, PassSchedule(
             settings.debounce, settings.pass_burst, settings.pass_rate,
-            settle={"inotify": settings.entry_settle}))
+            settle={"inotify": settings.entry_settle, "pv-available": AVAILABLE_SETTLE}))
         self.cache = PVCache()
         self.events = EventRecorder(kube, lambda: self.ctx.node)
         self.ctx = Context(kube, PVStore(kube, self.cache, self.wake.set), self.events,

@@ -142,8 +142,9 @@ class PVWatcher:
         self.cache = cache
         self.selector = selector
         self.stop = stop
-        # worth a pass: "" after a fresh list (it may show anything), "pv-deleted" or
-        # "pv-modified" for a watch event that changed a PV's existence, phase or claim
+        # worth a pass: "" after a fresh list (it may show anything), "pv-deleted",
+        # "pv-modified" or "pv-available" for a watch event that changed a PV's existence,
+        # phase or claim (see _wake_source)
         self.on_change = on_change
         self._thread: threading.Thread | None = None
 
@@ -187,15 +188,25 @@ class PVWatcher:
                 continue
             before = self.cache.get(pvs.name(pv))
             self.cache.apply(event_type, pv)
-            if _phase_changed(event_type, before, pv):
+            source = _wake_source(event_type, before, pv)
+            if source is not None:
                 # a PV deleted by hand is recreated now, a Released one cleaned now
-                self.on_change("pv-" + event_type.lower())
+                self.on_change(source)
 
 
-def _phase_changed(event_type: str, before: PV | None, after: PV) -> bool:
-    """Whether a watch event is worth a pass: a PV gone, or its phase or claim changed."""
+def _wake_source(event_type: str, before: PV | None, after: PV) -> str | None:
+    """Whether a watch event is worth a pass, and as which wake-up source: a PV gone
+    ("pv-deleted"), its phase or claim changed ("pv-modified"), or a new unclaimed PV made
+    Available by the PV controller ("pv-available": worth a pass only for the rare change its
+    disk saw meanwhile, so those wake-ups settle: a thousand new PVs are not a thousand
+    passes)."""
     if event_type == "DELETED":
-        return True
+        return "pv-deleted"
     if before is None:
-        return False  # ADDED: usually this agent's own create
-    return (pvs.phase(before), pvs.claim_ref(before)) != (pvs.phase(after), pvs.claim_ref(after))
+        return None  # ADDED: usually this agent's own create
+    was, now = (pvs.phase(before), pvs.claim_ref(before)), (pvs.phase(after), pvs.claim_ref(after))
+    if was == now:
+        return None
+    if was[0] in ("", "Pending") and now[0] == "Available" and was[1] is None is now[1]:
+        return "pv-available"
+    return "pv-modified"

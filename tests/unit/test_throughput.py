@@ -311,3 +311,37 @@ def test_the_flag_is_documented_defaults_to_8_and_refuses_0(
     with pytest.raises(SystemExit):
         parser.parse_args(["run", "--help"])
     assert "--api-concurrency N" in capsys.readouterr().out
+
+
+# -- a thousand new PVs made Available are not a thousand passes ----------------------------------
+
+
+def test_a_new_pv_made_available_wakes_a_settled_pass_other_changes_one_at_once(
+        tmp_path: Path) -> None:
+    from agent.loop import AVAILABLE_SETTLE  # noqa: PLC0415
+    from agent.pvcache import _wake_source  # noqa: PLC0415
+
+    def pv(phase: str, claim: bool = False) -> dict[str, Any]:
+        spec = {"claimRef": {"name": "c", "namespace": "d"}} if claim else {}
+        return {"metadata": {"name": "p"}, "spec": spec, "status": {"phase": phase}}
+
+    assert _wake_source("ADDED", None, pv("Pending")) is None
+    assert _wake_source("MODIFIED", pv("Pending"), pv("Available")) == "pv-available"
+    assert _wake_source("MODIFIED", pv(""), pv("Available")) == "pv-available"
+    assert _wake_source("MODIFIED", pv("Available"), pv("Available")) is None
+    assert _wake_source("MODIFIED", pv("Available"), pv("Bound", claim=True)) == "pv-modified"
+    assert _wake_source("MODIFIED", pv("Pending"), pv("Bound", claim=True)) == "pv-modified"
+    assert _wake_source("MODIFIED", pv("Bound", claim=True), pv("Released", claim=True)) == \
+        "pv-modified"
+    assert _wake_source("MODIFIED", pv("Released"), pv("Available")) == "pv-modified"
+    assert _wake_source("DELETED", pv("Available"), pv("Available")) == "pv-deleted"
+    rig = Rig(tmp_path)
+    try:
+        schedule = rig.loop.waker.schedule
+        assert schedule.settle["pv-available"] == AVAILABLE_SETTLE > 0
+        schedule.woken("pv-available")
+        assert schedule.due() > time.monotonic() + AVAILABLE_SETTLE / 2  # waits for company
+        schedule.woken("mount")
+        assert schedule.due() <= time.monotonic()  # a mount asks for a pass now: served along
+    finally:
+        rig.close()
