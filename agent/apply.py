@@ -213,6 +213,10 @@ class PVWriter:
             return Written("errors")
         if existing is None:
             return NOTHING  # deleted meanwhile; the next pass creates it
+        if pvs.deleting(existing):  # e.g. this agent's own delete, held by pv-protection
+            log.info("PV %s for %s is still being deleted; it is created again once gone",
+                     name, path)
+            return NOTHING  # its DELETED event wakes the pass that creates it
         if pvs.is_this_nodes(existing, self.ctx.node) and pvs.local_path(existing) == path:
             self.ctx.pvs.cache.put(existing)
             log.info("PV %s for %s already exists; adopting it", name, path)

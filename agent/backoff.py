@@ -29,6 +29,16 @@ def resync_period(minimum: float, rand: Callable[[], float] = random.random) -> 
     return float(minimum * (1.0 + rand()))
 
 
+WATCH_TIMEOUT = 300  # seconds: the shortest watch request asked for (client-go's minimum too)
+
+
+def watch_timeout(minimum: int = WATCH_TIMEOUT, rand: Callable[[], float] = random.random) -> int:
+    """The length in [minimum, 2 * minimum) seconds to ask for a watch request, drawn afresh
+    for each, as client-go's reflector does: watches that began together (every agent after an
+    API restart) then do not all end, and come back, together every `minimum` seconds."""
+    return int(minimum * (1.0 + rand()))
+
+
 @dataclass
 class Backoff:
     """Consecutive failures of one activity, and the delay after the latest; a success resets."""

@@ -15,12 +15,13 @@ import threading
 from collections.abc import Callable, Mapping
 
 from agent import pv as pvs
-from agent.backoff import Backoff
+from agent.backoff import watch_timeout
 from agent.kube import PV, ApiError, Kube
+from agent.watching import follow
 
 log = logging.getLogger(__name__)
 
-RELIST_PAUSE_MAX = 5.0  # seconds: a watch expiring again and again never makes a tight loop
+GONE_KEPT = 10_000  # deleted UIDs remembered; an event that late has long been relisted
 
 
 class PVCache:
@@ -30,7 +31,9 @@ class PVCache:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pvs: dict[str, PV] = {}
-        self._deleted: set[str] = set()  # UIDs this agent deleted, until their DELETED event
+        # UIDs deleted (by this agent, or seen DELETED): a UID never comes back, so a late
+        # event or write response about one must not bring it back. Oldest forgotten first.
+        self._deleted: dict[str, None] = {}
         self.version = ""
 
     def replace(self, found: Mapping[str, PV], version: str) -> None:
@@ -45,8 +48,9 @@ class PVCache:
     def _apply(self, event_type: str, pv: PV) -> None:
         name, uid = pvs.name(pv), pvs.uid(pv)
         if event_type == "DELETED":
-            self._pvs.pop(name, None)
-            self._deleted.discard(uid)
+            if pvs.uid(self._pvs.get(name) or {}) in ("", uid):
+                self._pvs.pop(name, None)
+            self._gone(uid)
         elif event_type in ("ADDED", "MODIFIED") and uid not in self._deleted:
             self._pvs[name] = pv
         self.version = pvs.resource_version(pv) or self.version
@@ -60,10 +64,13 @@ class PVCache:
         """This agent deleted the PV: late events about that object must not bring it back."""
         with self._lock:
             self._pvs.pop(name, None)
-            if uid:
-                self._deleted.add(uid)
-            if len(self._deleted) > 10_000:  # DELETED events normally empty it; bound it anyway
-                self._deleted.clear()
+            self._gone(uid)
+
+    def _gone(self, uid: str) -> None:
+        if uid:
+            self._deleted[uid] = None
+            if len(self._deleted) > GONE_KEPT:
+                del self._deleted[next(iter(self._deleted))]
 
     def put(self, pv: PV) -> None:
         """The response of this agent's own write. The watch may already have delivered a
@@ -153,26 +160,7 @@ class PVWatcher:
         self._thread.start()
 
     def run(self) -> None:
-        backoff = Backoff()
-        while not self.stop.is_set():
-            try:
-                self.round()
-                backoff.reset()
-            except ApiError as exc:
-                self.cache.expire()  # the relist also proves the API is back
-                if self.stop.is_set():
-                    return  # the agent is stopping: its requests fail, quietly
-                if exc.gone:
-                    log.info("PV watch expired; listing again")
-                    self.stop.wait(min(backoff.next_delay(), RELIST_PAUSE_MAX))
-                    continue
-                delay = backoff.next_delay()
-                log.warning("PV watch failed, retrying in %.0fs with a fresh list: %s", delay, exc)
-                self.stop.wait(delay)
-            except Exception:  # the cache must not silently go stale: log, relist, go on
-                log.exception("PV watch crashed; listing again")
-                self.cache.expire()
-                self.stop.wait(backoff.next_delay())
+        follow("PV", self.round, self.cache.expire, self.stop)
 
     def round(self) -> None:
         """List when needed, then follow one watch request until it ends."""
@@ -180,7 +168,8 @@ class PVWatcher:
             found, version = self.kube.list_pv_snapshot(self.selector)
             self.cache.replace(found, version)
             self.on_change("")
-        for event_type, pv in self.kube.watch_pvs(self.selector, self.cache.version):
+        for event_type, pv in self.kube.watch_pvs(self.selector, self.cache.version,
+                                                  timeout_seconds=watch_timeout()):
             if self.stop.is_set():
                 return
             if event_type == "BOOKMARK":

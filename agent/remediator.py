@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.backoff import Backoff
 from agent.kube import ApiError, ClusterKube
 from agent.metrics import (
     HealthServer,
@@ -55,11 +54,11 @@ from agent.remediate import (
     released,
     statefulsets_to_read,
 )
+from agent.watching import follow
 
 log = logging.getLogger("localpv-agent.remediate")
 
 EXIT_OK, EXIT_CONFIG = 0, 2
-RELIST_PAUSE_MAX = 5.0
 MIN_PASS_GAP = 0.2  # seconds between passes: a burst of watch events makes one pass
 
 
@@ -103,24 +102,10 @@ class Informer:
         return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
 
     def _run(self) -> None:
-        backoff = Backoff()
-        while not self.stop.is_set():
-            try:
-                self._round()
-                backoff.reset()
-            except ApiError as exc:
-                self._version = ""
-                if exc.gone:
-                    log.info("%s watch expired; listing again", self.kind)
-                    self.stop.wait(min(backoff.next_delay(), RELIST_PAUSE_MAX))
-                    continue
-                delay = backoff.next_delay()
-                log.warning("%s watch failed, listing again in %.0fs: %s", self.kind, delay, exc)
-                self.stop.wait(delay)
-            except Exception:  # a cache must not silently go stale: log, relist, go on
-                log.exception("%s watch crashed; listing again", self.kind)
-                self._version = ""
-                self.stop.wait(backoff.next_delay())
+        follow(self.kind, self._round, self._expire, self.stop)
+
+    def _expire(self) -> None:
+        self._version = ""
 
     def _round(self) -> None:
         if not self._version:

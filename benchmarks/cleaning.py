@@ -2,6 +2,10 @@
 """How long cleaning takes: a filesystem volume holding 100,000 small files, and a 1 GiB loop
 device with each built-in block cleaner.
 
+Baseline in the same run: a plain `rm -rf` of the same tree on the same filesystem (what an
+operator would do by hand, without the cleaner's checks: no symlink or mount-boundary checks,
+no identity check, no flags cleared), and the ratio of the agent's cleaner to it.
+
 Runs the agent's own cleaning code (agent.cleaner) on real loop devices; no cluster needed.
 Needs root. Prints a table, writes JSON; never passes or fails.
 
@@ -14,6 +18,7 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -58,6 +63,15 @@ def main() -> int:
                      "seconds": round(time.monotonic() - started, 2),
                      "detail": report.summary(), "fill_seconds": round(filled, 2)})
         print(f"filesystem: {rows[-1]['seconds']}s", file=sys.stderr)
+        (mount / "again").mkdir()
+        fill(mount / "again", args.files)
+        started = time.monotonic()
+        subprocess.run(["rm", "-rf", "--one-file-system", str(mount / "again")], check=True)
+        baseline = time.monotonic() - started
+        rows.append({"case": f"baseline: rm -rf, the same {args.files} files (ext4)",
+                     "seconds": round(baseline, 2),
+                     "detail": f"the cleaner took {float(rows[-1]['seconds']) / baseline:.2f}x"})
+        print(f"rm -rf: {rows[-1]['seconds']}s", file=sys.stderr)
 
         for cleaner in BLOCK_CLEANERS:
             raw = disks.loop(f"raw-{cleaner}", size_mib=args.device_mib)

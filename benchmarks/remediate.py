@@ -25,18 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
-from devkit import REPO
-from devkit.agents import build_binaries, write_token_kubeconfig
+from devkit.agents import api_get, build_binaries
 from devkit.controlplane import ControlPlane
 from devkit.remediation import (
-    ACCOUNT,
-    NAMESPACE,
-    RBAC_KINDS,
     Controller,
-    api_get,
     claim_uid,
+    install_rbac,
     lost_by_deletion,
     make_scenario,
     out_of_service,
@@ -45,17 +39,6 @@ from devkit.remediation import (
     shut_down,
     teardown,
 )
-
-
-def install(cluster: ControlPlane, work: Path) -> Path:
-    """The namespace (daemonset.yaml's) and remediate.yaml's RBAC; a token kubeconfig."""
-    namespace = [d for d in yaml.safe_load_all((REPO / "daemonset.yaml").read_text())
-                 if d and d["kind"] == "Namespace"]
-    rbac = [d for d in yaml.safe_load_all((REPO / "remediate.yaml").read_text())
-            if d and d["kind"] in RBAC_KINDS]
-    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(namespace + rbac))
-    return write_token_kubeconfig(cluster, work / "kubeconfig", account=ACCOUNT,
-                                  namespace=NAMESPACE)
 
 
 def one_run(cluster: ControlPlane, kubeconfig: Path, work: Path, i: int, trigger: str,
@@ -108,7 +91,7 @@ def main() -> int:
         cluster = ControlPlane(work / "cluster", build_binaries())
         try:
             cluster.start(nodes=0)
-            kubeconfig = install(cluster, work)
+            kubeconfig = install_rbac(cluster, work / "kubeconfig", namespace=True)
             results = []
             for i in range(1, args.runs + 1):
                 result = one_run(cluster, kubeconfig, work, i, args.trigger, args.delay)

@@ -91,13 +91,27 @@ def write_token_kubeconfig(cluster: ControlPlane, path: Path, account: str = "lo
     return path
 
 
+NO_JITTER = "import random\nrandom.random = lambda: 0.0\n"
+"""For benchmarks only, never for a real agent: a `prelude` that makes every random draw of
+the agent's process 0, run before the agent's modules are imported (their `rand` defaults are
+bound then). agent.backoff then waits each backoff delay in full (never shortened) and each
+resync period is exactly the minimum: agents that fail together retry together. The baseline
+that shows what the jitter is worth."""
+
+RUN_MAIN = "import sys\nfrom agent.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+
+
 class Agent:
-    """`localpv-agent run` for one node, logging to a file, with a random HTTP port."""
+    """`localpv-agent run` for one node, logging to a file, with a random HTTP port.
+
+    `prelude`: Python run in the agent's process before the agent's own modules (e.g.
+    NO_JITTER); the agent then starts as `python -c` instead of `python -m agent.cli`."""
 
     def __init__(self, node: str, config: Path, kubeconfig: Path, workdir: Path,
-                 *extra: str, wrapper: Sequence[str] = ()) -> None:
+                 *extra: str, wrapper: Sequence[str] = (), prelude: str = "") -> None:
         self.node = node
         self.wrapper = wrapper  # a command that execs the agent, e.g. prlimit
+        self.prelude = prelude
         self.config = config
         self.kubeconfig = kubeconfig
         self.workdir = workdir
@@ -108,9 +122,10 @@ class Agent:
 
     def start(self) -> Agent:
         self.port_file.unlink(missing_ok=True)
+        main = ["-c", self.prelude + RUN_MAIN] if self.prelude else ["-m", "agent.cli"]
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [*self.wrapper, sys.executable, "-m", "agent.cli", "run",
+                [*self.wrapper, sys.executable, *main, "run",
                  "--config", str(self.config),
                  "--node-name", self.node, "--kubeconfig", str(self.kubeconfig),
                  "--listen-address", "127.0.0.1:0", "--port-file", str(self.port_file),
@@ -224,9 +239,23 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def api_get(cluster: ControlPlane, path: str) -> dict[str, Any] | None:
+    """GET as admin: the object, or None when it does not exist. A loaded machine sometimes
+    drops a request (status 0) or the apiserver answers 5xx: asked again, never read as gone."""
+    deadline = time.monotonic() + 30
+    while True:
+        status, body = cluster.api("GET", path)
+        if status == 200 and isinstance(body, dict):
+            return body
+        if status == 404:
+            return None
+        assert time.monotonic() < deadline, f"GET {path}: HTTP {status}: {body}"
+        time.sleep(0.5)
+
+
 def items(cluster: ControlPlane, path: str) -> list[dict[str, Any]]:
-    status, body = cluster.api("GET", path)
-    assert status == 200, body
+    body = api_get(cluster, path)
+    assert body is not None, path
     return list(body.get("items") or [])
 
 
@@ -239,6 +268,27 @@ def pvs_of(cluster: ControlPlane, node: str) -> list[dict[str, Any]]:
         if node in values:
             found.append(pv)
     return found
+
+
+def bind_claim(cluster: ControlPlane, pv: dict[str, Any], claim: str,
+               timeout: float = 60.0) -> None:
+    """A claim in `default` pre-bound to `pv` (its class and mode): the PV controller binds it
+    at once; returns when the PV is Bound."""
+    name = pv["metadata"]["name"]
+    status, body = cluster.api("POST", "/api/v1/namespaces/default/persistentvolumeclaims", {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
+        "spec": {"storageClassName": pv["spec"]["storageClassName"],
+                 "volumeMode": pv["spec"].get("volumeMode", "Filesystem"),
+                 "accessModes": ["ReadWriteOnce"], "volumeName": name,
+                 "resources": {"requests": {"storage": "1Mi"}}},
+    })
+    assert status == 201, body
+
+    def phase() -> str | None:
+        status, body = cluster.api("GET", f"/api/v1/persistentvolumes/{name}")
+        return (body.get("status") or {}).get("phase") if status == 200 else None
+
+    wait_for(lambda: phase() == "Bound", timeout, f"claim {claim} bound to PV {name}")
 
 
 def events_for(cluster: ControlPlane, kind: str, name: str) -> list[dict[str, Any]]:

@@ -207,6 +207,7 @@ class ControlPlane:
             Python process that started it dies, so a crashed test run leaks
             nothing. ``scripts/cluster up`` sets True so they outlive it.
         stages_file: KWOK stages to use instead of ``STAGES_FILE``.
+        apiserver_args: Extra kube-apiserver flags, e.g. an audit log for a benchmark.
     """
 
     def __init__(
@@ -216,11 +217,13 @@ class ControlPlane:
         *,
         detach: bool = False,
         stages_file: Path = STAGES_FILE,
+        apiserver_args: Sequence[str] = (),
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.bin_dir = Path(bin_dir).resolve()
         self.detach = detach
         self.stages_file = Path(stages_file).resolve()
+        self.apiserver_args = tuple(apiserver_args)
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._ports: _Ports | None = None
         self._ssl: ssl.SSLContext | None = None
@@ -332,6 +335,40 @@ class ControlPlane:
     def __exit__(self, *exc: object) -> None:
         """Stop everything."""
         self.stop()
+
+    def restart_apiserver(self, grace: float = 60.0, timeout: float = 120.0) -> float:
+        """Stop kube-apiserver (SIGTERM to its process group, SIGKILL after `grace` seconds)
+        and start it again on the same etcd, port and flags; return once /readyz answers, with
+        the seconds from SIGTERM to then.
+
+        What every client sees when the apiserver is upgraded or its node reboots: its watches
+        end, requests are refused, and it comes back with the same data. After SIGTERM it
+        stops listening and ends its watches within a second or so, then waits up to 60 s for
+        open connections to go before it exits: a short `grace` skips that wait.
+        """
+        stopped = time.monotonic()
+        pid = running_pids(self.workdir).get("kube-apiserver")
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)
+            if _wait_gone([pid], grace):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+                if _wait_gone([pid], 5.0):
+                    raise ControlPlaneError(f"kube-apiserver (pid {pid}) survived SIGKILL")
+        old = self._procs.pop("kube-apiserver", None)
+        if old is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                old.wait(timeout=5)
+        self._start_apiserver(time.monotonic() + timeout)
+        return time.monotonic() - stopped
+
+    def metrics_text(self) -> str:
+        """The apiserver's own /metrics (Prometheus text), read as admin."""
+        status, body = self.api("GET", "/metrics")
+        if status != 200 or not isinstance(body, str):
+            raise ControlPlaneError(f"GET /metrics: HTTP {status}: {str(body)[:500]}")
+        return body
 
     def log_tails(self, lines: int = 40) -> str:
         """Return the last ``lines`` lines of every component's log."""
@@ -656,6 +693,7 @@ class ControlPlane:
                 "--allow-privileged=true",
                 "--profiling=false",
                 "--v=1",
+                *self.apiserver_args,
             ],
         )
         self._wait(

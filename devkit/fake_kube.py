@@ -266,6 +266,21 @@ class FakeKube:
             if (uid and meta.get("uid") != uid) or \
                     (resource_version and meta["resourceVersion"] != resource_version):
                 raise self._error("delete", 409, "Precondition failed")
+            if meta.get("finalizers"):  # as the apiserver: marked, gone once they are removed
+                if not meta.get("deletionTimestamp"):
+                    obj = copy.deepcopy(pv)
+                    obj["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+                    self._store(obj, "MODIFIED", pv)
+                return
+            del self.pvs[name]
+            self._record("DELETED", pv, pv)
+
+    def finalize_pv(self, name: str) -> None:
+        """The controller that owns a PV's finalizers removes them (kube-controller-manager's
+        pv-protection): a PV being deleted is gone then."""
+        with self._lock:
+            pv = self.pvs[name]
+            assert pv["metadata"].get("deletionTimestamp"), f"{name} is not being deleted"
             del self.pvs[name]
             self._record("DELETED", pv, pv)
 

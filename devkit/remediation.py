@@ -20,7 +20,7 @@ import yaml
 
 from agent.volumes import pv_name
 from devkit import REPO, process
-from devkit.agents import metric_sum, wait_for
+from devkit.agents import api_get, items, metric_sum, wait_for, write_token_kubeconfig
 from devkit.controlplane import KWOK_NODE_ANNOTATION, ControlPlane
 
 ACCOUNT = "localpv-agent-remediate"
@@ -32,6 +32,20 @@ TEMPLATE = "data"
 FAST = ("--lease-duration", "4", "--renew-deadline", "3", "--retry-period", "1",
         "--stale-pv-discovery-interval", "1")
 METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? ([^ ]+)$", re.M)
+
+
+def install_rbac(cluster: ControlPlane, kubeconfig: Path, *, namespace: bool = False) -> Path:
+    """remediate.yaml's RBAC as deployed (with daemonset.yaml's Namespace when `namespace`), and
+    a token kubeconfig of the controller's ServiceAccount written to `kubeconfig`."""
+    docs = [d for d in yaml.safe_load_all((REPO / "remediate.yaml").read_text())
+            if d and d["kind"] in RBAC_KINDS]
+    if {d["kind"] for d in docs} != RBAC_KINDS:
+        raise AssertionError(f"remediate.yaml lacks {RBAC_KINDS - {d['kind'] for d in docs}}")
+    if namespace:
+        docs = [d for d in yaml.safe_load_all((REPO / "daemonset.yaml").read_text())
+                if d and d["kind"] == "Namespace"] + docs
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
+    return write_token_kubeconfig(cluster, kubeconfig, account=ACCOUNT, namespace=NAMESPACE)
 
 
 class Controller:
@@ -117,26 +131,6 @@ class Scenario:
     @property
     def ns(self) -> str:
         return self.name
-
-
-def api_get(cluster: ControlPlane, path: str) -> dict[str, Any] | None:
-    """GET as admin: the object, or None when it does not exist. A loaded machine sometimes
-    drops a request (status 0) or the apiserver answers 5xx: asked again, never read as gone."""
-    deadline = time.monotonic() + 30
-    while True:
-        status, body = cluster.api("GET", path)
-        if status == 200 and isinstance(body, dict):
-            return body
-        if status == 404:
-            return None
-        assert time.monotonic() < deadline, f"GET {path}: HTTP {status}: {body}"
-        time.sleep(0.5)
-
-
-def items(cluster: ControlPlane, path: str) -> list[dict[str, Any]]:
-    body = api_get(cluster, path)
-    assert body is not None, path
-    return list(body.get("items") or [])
 
 
 def kubectl_json(cluster: ControlPlane, *args: str) -> Any:

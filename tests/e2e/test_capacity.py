@@ -20,7 +20,15 @@ from typing import Any
 import pytest
 
 from agent.volumes import format_quantity, pv_name, round_capacity
-from devkit.agents import Agent, class_config, events_for, node_for_test, pvs_of, wait_for
+from devkit.agents import (
+    Agent,
+    bind_claim,
+    class_config,
+    events_for,
+    node_for_test,
+    pvs_of,
+    wait_for,
+)
 from devkit.controlplane import ControlPlane
 from devkit.disks import Disks, disks, sh
 
@@ -78,19 +86,6 @@ def node(cluster: ControlPlane, agent_kubeconfig: Path, tmp_path: Path,
                 cluster.api("DELETE", f"/api/v1/persistentvolumes/{pv['metadata']['name']}")
 
 
-def bind(cluster: ControlPlane, pv: dict[str, Any], claim: str) -> None:
-    """A claim pre-bound to the PV: the PV controller binds it at once."""
-    status, body = cluster.api("POST", "/api/v1/namespaces/default/persistentvolumeclaims", {
-        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
-        "spec": {"storageClassName": CLASS, "accessModes": ["ReadWriteOnce"],
-                 "volumeName": pv["metadata"]["name"],
-                 "resources": {"requests": {"storage": "1Mi"}}},
-    })
-    assert status == 201, body
-    wait_for(lambda: cluster.api("GET", f"/api/v1/persistentvolumes/{pv['metadata']['name']}")[1]
-             .get("status", {}).get("phase") == "Bound", 30, f"{claim} bound")
-
-
 def test_a_grown_disk_resizes_its_available_pv_and_is_reported_on_a_bound_one(
         node: Node, cluster: ControlPlane) -> None:
     free = node.disks.loop("free", size_mib=SIZE, fs="xfs")  # sparse files: no real space
@@ -100,7 +95,7 @@ def test_a_grown_disk_resizes_its_available_pv_and_is_reported_on_a_bound_one(
     before = wait_for(lambda: node.pv("free"), REACT, "PV for free", on_timeout=node.agent.log)
     bound = wait_for(lambda: node.pv("taken"), REACT, "PV for taken", on_timeout=node.agent.log)
     claim = f"claim-{node.name}"[:60]
-    bind(cluster, bound, claim)
+    bind_claim(cluster, bound, claim)
     try:
         assert gauge(node.agent, "localpv_agent_volumes_capacity_differs") == 0
         grown = node.grow("free", free, GROWN)

@@ -16,7 +16,15 @@ from typing import Any
 import pytest
 
 from agent.volumes import pv_name
-from devkit.agents import Agent, events_for, fs_and_block_dirs, node_for_test, pvs_of, wait_for
+from devkit.agents import (
+    Agent,
+    bind_claim,
+    events_for,
+    fs_and_block_dirs,
+    node_for_test,
+    pvs_of,
+    wait_for,
+)
 from devkit.controlplane import ControlPlane
 from devkit.disks import Disks, disks, sh
 from devkit.udevd import Udevd, settle, trigger_block_changes
@@ -135,26 +143,13 @@ def test_unbound_pv_is_withdrawn_when_its_disk_goes(node: Node, cluster: Control
     assert back["metadata"]["uid"] != pv["metadata"]["uid"]
 
 
-def bind(cluster: ControlPlane, pv: dict[str, Any], claim: str) -> None:
-    """A claim pre-bound to the PV: the PV controller binds it at once."""
-    status, body = cluster.api("POST", "/api/v1/namespaces/default/persistentvolumeclaims", {
-        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
-        "spec": {"storageClassName": pv["spec"]["storageClassName"],
-                 "accessModes": ["ReadWriteOnce"], "volumeName": pv["metadata"]["name"],
-                 "resources": {"requests": {"storage": "1Mi"}}},
-    })
-    assert status == 201, body
-    wait_for(lambda: cluster.api("GET", f"/api/v1/persistentvolumes/{pv['metadata']['name']}")[1]
-             .get("status", {}).get("phase") == "Bound", 30, f"{claim} bound")
-
-
 def test_bound_pv_is_kept_and_warned_about_until_its_disk_returns(
     node: Node, cluster: ControlPlane
 ) -> None:
     mount = node.disks.tmpfs(node.fs_dir / "precious")
     pv = wait_for(lambda: node.pv("precious"), REACT, "PV for precious")
     claim = f"claim-{node.name}"[:60]
-    bind(cluster, pv, claim)
+    bind_claim(cluster, pv, claim)
     try:
         sh("umount", str(mount))
         wait_for(lambda: node.agent.metric("localpv_agent_volumes", state="missing") == 1,

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from agent.volumes import pv_name
-from devkit.agents import Agent, class_config, node_for_test, pvs_of, wait_for
+from devkit.agents import Agent, bind_claim, class_config, node_for_test, pvs_of, wait_for
 from devkit.controlplane import ControlPlane
 from devkit.disks import disks, sh
 from devkit.hungfs import HungMount
@@ -117,15 +117,10 @@ def test_sigterm_during_a_clean_on_a_frozen_filesystem(
         try:
             agent.wait_ready()
             name = pv_name("frozen", node, CLASS)
-            wait_for(lambda: has_pv(cluster, node, "frozen"), 30, "the PV")
+            pv = wait_for(lambda: next((p for p in pvs_of(cluster, node)
+                                        if p["metadata"]["name"] == name), None), 30, "the PV")
             claim = f"{node[:40]}-frozen"
-            status, body = cluster.api(
-                "POST", "/api/v1/namespaces/default/persistentvolumeclaims", {
-                    "apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                    "metadata": {"name": claim},
-                    "spec": {"storageClassName": CLASS, "accessModes": ["ReadWriteOnce"],
-                             "volumeName": name, "resources": {"requests": {"storage": "1Mi"}}}})
-            assert status == 201, body
+            bind_claim(cluster, pv, claim)
             wait_for(lambda: agent.dirty_paths() == {"/mnt/disks/frozen"}, 30,
                      "the volume recorded as dirty", on_timeout=agent.log)
             for i in range(100):

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from agent.volumes import pv_name
-from devkit.agents import Agent, node_for_test, pvs_of, wait_for
+from devkit.agents import Agent, bind_claim, node_for_test, pvs_of, wait_for
 from devkit.controlplane import ControlPlane
 from devkit.disks import disks
 
@@ -44,19 +44,11 @@ def test_a_released_volume_is_emptied_by_the_class_command(
             agent.wait_ready()
             name = pv_name("vol", node, CLASS)
             pv = wait_for(lambda: _pv(cluster, name), 30, "the PV")
-            status, body = cluster.api(
-                "POST", "/api/v1/namespaces/default/persistentvolumeclaims", {
-                    "apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                    "metadata": {"name": claim},
-                    "spec": {"storageClassName": CLASS, "accessModes": ["ReadWriteOnce"],
-                             "volumeName": name, "resources": {"requests": {"storage": "1Mi"}}}})
-            assert status == 201, body
-            wait_for(lambda: ((_pv(cluster, name) or {}).get("status") or {}).get("phase")
-                     == "Bound", 60, "bound")
+            bind_claim(cluster, pv, claim)
             (mount / "tenant").mkdir()
             (mount / "tenant" / "data.txt").write_text("the old tenant's data\n")
-            wait_for(lambda: f"volume /mnt/disks/vol holds data of PV {name}" in agent.log(),
-                     30, "remembered as dirty", on_timeout=agent.log)
+            wait_for(lambda: agent.dirty_paths() == {"/mnt/disks/vol"}, 30,
+                     "remembered as dirty", on_timeout=agent.log)
             status, _ = cluster.api(
                 "DELETE", f"/api/v1/namespaces/default/persistentvolumeclaims/{claim}")
             assert status == 200

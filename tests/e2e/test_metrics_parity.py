@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from agent.volumes import pv_name
-from devkit.agents import Agent, node_for_test, pvs_of, wait_for
+from devkit.agents import Agent, bind_claim, node_for_test, pvs_of, wait_for
 from devkit.controlplane import ControlPlane
 from devkit.disks import disks
 
@@ -119,23 +119,6 @@ def test_the_reference_diff_catches_what_prometheus_client_writes_by_default() -
     assert any("apiserver_requests_created" in p for p in problems)
 
 
-def bind(cluster: ControlPlane, pv: dict[str, Any], claim: str) -> None:
-    status, body = cluster.api("POST", "/api/v1/namespaces/default/persistentvolumeclaims", {
-        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
-        "spec": {"storageClassName": pv["spec"]["storageClassName"],
-                 "volumeMode": pv["spec"]["volumeMode"], "accessModes": ["ReadWriteOnce"],
-                 "volumeName": pv["metadata"]["name"],
-                 "resources": {"requests": {"storage": "1Mi"}}},
-    })
-    assert status == 201, body
-    wait_for(lambda: _phase(cluster, pv["metadata"]["name"]) == "Bound", 60, f"{claim} bound")
-
-
-def _phase(cluster: ControlPlane, name: str) -> str:
-    status, body = cluster.api("GET", f"/api/v1/persistentvolumes/{name}")
-    return str(body.get("status", {}).get("phase", "")) if status == 200 else ""
-
-
 @pytest.fixture
 def node(cluster: ControlPlane, request: pytest.FixtureRequest) -> Iterator[str]:
     name = node_for_test(cluster, request.node.name)
@@ -170,8 +153,8 @@ def test_a_live_scrape_matches_the_upstreams_names_types_labels_and_buckets(
                              "the filesystem PV")
             blk_pv = wait_for(lambda: _pv(cluster, pv_name("raw", node, "local-block")), 30,
                               "the block PV")
-            bind(cluster, fs_pv, f"{node[:30]}-fs")
-            bind(cluster, blk_pv, f"{node[:30]}-blk")
+            bind_claim(cluster, fs_pv, f"{node[:30]}-fs")
+            bind_claim(cluster, blk_pv, f"{node[:30]}-blk")
             for suffix in ("fs", "blk"):
                 status, _ = cluster.api("DELETE", "/api/v1/namespaces/default/"
                                         f"persistentvolumeclaims/{node[:30]}-{suffix}")

@@ -21,6 +21,7 @@ from agent.volumes import pv_name
 from devkit.agents import (
     REPO,
     Agent,
+    bind_claim,
     events_for,
     fs_and_block_dirs,
     node_for_test,
@@ -91,16 +92,7 @@ def items_named(cluster: ControlPlane, prefix: str) -> list[str]:
 
 def bind(node: Node, pv: dict[str, Any], suffix: str) -> str:
     claim = f"{node.name[:30]}-{suffix}"
-    status, body = node.cluster.api("POST", "/api/v1/namespaces/default/persistentvolumeclaims", {
-        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
-        "spec": {"storageClassName": pv["spec"]["storageClassName"],
-                 "volumeMode": pv["spec"]["volumeMode"], "accessModes": ["ReadWriteOnce"],
-                 "volumeName": pv["metadata"]["name"],
-                 "resources": {"requests": {"storage": "1Mi"}}},
-    })
-    assert status == 201, body
-    wait_for(lambda: (node.pv_by_name(pv["metadata"]["name"]) or {}).get("status", {})
-             .get("phase") == "Bound", 30, f"{claim} bound")
+    bind_claim(node.cluster, pv, claim)
     return claim
 
 

@@ -20,20 +20,18 @@ import pytest
 import yaml
 
 from agent.volumes import pv_name
-from devkit.agents import REPO, Agent, wait_for, write_token_kubeconfig
+from devkit.agents import REPO, Agent, api_get, events_for, items, pvs_of, wait_for
 from devkit.controlplane import ControlPlane
 from devkit.disks import disks
 from devkit.remediation import (
     ACCOUNT,
     NAMESPACE,
-    RBAC_KINDS,
     STS,
     TEMPLATE,
     Controller,
     Scenario,
-    api_get,
     claim_uid,
-    items,
+    install_rbac,
     lost_by_deletion,
     make_scenario,
     out_of_service,
@@ -52,12 +50,7 @@ def remediate_kubeconfig(cluster: ControlPlane, agent_kubeconfig: Path,
                          tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A token of the controller's ServiceAccount, bound by remediate.yaml (its namespace
     comes from daemonset.yaml, applied for `agent_kubeconfig`)."""
-    docs = [d for d in yaml.safe_load_all((REPO / "remediate.yaml").read_text())
-            if d and d["kind"] in RBAC_KINDS]
-    assert {d["kind"] for d in docs} == RBAC_KINDS
-    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
-    return write_token_kubeconfig(cluster, tmp_path_factory.mktemp("remediate") / "kubeconfig",
-                                  account=ACCOUNT, namespace=NAMESPACE)
+    return install_rbac(cluster, tmp_path_factory.mktemp("remediate") / "kubeconfig")
 
 
 @pytest.fixture
@@ -79,19 +72,6 @@ def start(started: list[Controller], kubeconfig: Path, workdir: Path, *args: str
 
 
 # -- a StatefulSet on KWOK nodes -------------------------------------------------------------------
-
-
-def events_for(cluster: ControlPlane, kind: str, name: str) -> list[dict[str, Any]]:
-    return [e for e in items(cluster, "/api/v1/events")
-            if e["involvedObject"].get("kind") == kind and e["involvedObject"]["name"] == name]
-
-
-def pvs_of(cluster: ControlPlane, node: str) -> list[dict[str, Any]]:
-    """PVs pinned to `node` by their nodeAffinity."""
-    return [pv for pv in items(cluster, "/api/v1/persistentvolumes")
-            if node in {v for t in pv["spec"].get("nodeAffinity", {}).get("required", {}).get(
-                "nodeSelectorTerms", []) for e in t.get("matchExpressions", [])
-                for v in e["values"]}]
 
 
 def pv_exists(cluster: ControlPlane, name: str) -> bool:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from agent.volumes import pv_name
-from devkit.agents import Agent, events_for, node_for_test, pvs_of, wait_for
+from devkit.agents import Agent, bind_claim, events_for, node_for_test, pvs_of, wait_for
 from devkit.controlplane import ControlPlane
 from devkit.disks import disks
 
@@ -61,16 +61,7 @@ def test_a_removed_class_withdraws_its_available_pvs_and_leaves_bound_ones(
             kept = wait_for(lambda: pv("a", KEPT), REACT, "PV for a", on_timeout=agent.log)
             free = wait_for(lambda: pv("x", removed_class), REACT, "PV for x")
             taken = wait_for(lambda: pv("y", removed_class), REACT, "PV for y")
-            status, body = cluster.api(
-                "POST", "/api/v1/namespaces/default/persistentvolumeclaims", {
-                    "apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                    "metadata": {"name": claim},
-                    "spec": {"storageClassName": removed_class, "accessModes": ["ReadWriteOnce"],
-                             "volumeName": taken["metadata"]["name"],
-                             "resources": {"requests": {"storage": "1Mi"}}}})
-            assert status == 201, body
-            wait_for(lambda: (pv("y", removed_class) or {}).get("status", {}).get("phase")
-                     == "Bound", REACT, "y bound")
+            bind_claim(cluster, taken, claim, timeout=REACT)
 
             write_config(config, {KEPT: classes[KEPT]})
             wait_for(lambda: [e for e in events_for(cluster, "Node", node)

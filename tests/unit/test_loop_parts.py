@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.backoff import Backoff, exponential, resync_period
+from agent import watching as watching_module
+from agent.backoff import Backoff, exponential, resync_period, watch_timeout
 from agent.events import EventRecorder
 from agent.kube import ApiError
 from agent.notices import Notice, Once, Reason, Scope
@@ -32,8 +33,9 @@ def pv(name: str, labels: dict[str, str] | None = None, phase: str = "Available"
 @pytest.fixture
 def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """Retries after milliseconds, not seconds."""
-    for module in ("agent.loop", "agent.pvcache"):
-        monkeypatch.setattr(f"{module}.Backoff", lambda: Backoff(0.01, 0.02))
+    for module in ("agent.loop", "agent.watching"):
+        monkeypatch.setattr(f"{module}.Backoff",
+                            lambda **kw: Backoff(0.01, 0.02, **kw))
 
 
 @pytest.fixture
@@ -94,6 +96,28 @@ def test_a_crash_in_the_watch_relists_instead_of_going_stale(watching: tuple) ->
     eventually(lambda: cache.get("later"), timeout=15, what="the cache current again")
 
 
+def test_each_watch_asks_for_its_own_length_so_watches_begun_together_end_apart(
+        fast_backoff: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    kube = FakeKube(watch_timeout=0.01)
+    asked: list[int] = []
+    real = kube.watch_pvs
+
+    def watch(selector: str, version: str, timeout_seconds: int = 300) -> Iterator[tuple]:
+        asked.append(timeout_seconds)
+        return real(selector, version, timeout_seconds)
+
+    monkeypatch.setattr(kube, "watch_pvs", watch)
+    stop = threading.Event()
+    PVWatcher(kube, PVCache(), SELECTOR, stop, lambda s: None).start()
+    try:
+        eventually(lambda: len(asked) >= 5, what="five watch requests")
+    finally:
+        stop.set()
+        kube.close()
+    assert all(300 <= t < 600 for t in asked) and len(set(asked)) > 1, asked
+    assert (watch_timeout(rand=lambda: 0.0), watch_timeout(rand=lambda: 0.999)) == (300, 599)
+
+
 def test_the_cache_keeps_its_own_deletes_and_newer_versions() -> None:
     cache = PVCache()
     newer = {"metadata": {"name": "p", "uid": "u", "resourceVersion": "12"}}
@@ -105,6 +129,22 @@ def test_the_cache_keeps_its_own_deletes_and_newer_versions() -> None:
     assert cache.get("p") is None and cache.version == "13"
     cache.expire()
     assert cache.version == ""
+
+
+def test_a_deleted_pv_never_comes_back_from_a_late_response_or_event() -> None:
+    """A write's response read before the DELETED event but applied after it (the watch runs
+    on its own thread) must not bring the PV back: the cache would keep it until a relist."""
+    cache = PVCache()
+    old = {"metadata": {"name": "p", "uid": "u", "resourceVersion": "20"}}
+    cache.forget("p", "u")
+    cache.apply("DELETED", old)
+    cache.put(old)
+    cache.apply("MODIFIED", old)
+    assert cache.get("p") is None
+    fresh = {"metadata": {"name": "p", "uid": "v", "resourceVersion": "22"}}
+    cache.put(fresh)  # the same name, a new object: kept
+    cache.apply("DELETED", old)  # a late event about the old one removes nothing
+    assert cache.get("p") == fresh
 
 
 # -- Events ------------------------------------------------------------------------------------
@@ -342,6 +382,29 @@ def test_backoff_doubles_to_its_bound_with_jitter_that_only_shortens() -> None:
     assert resync_period(300.0, rand=lambda: 0.999) < 600.0
     spread = [resync_period(300.0) for _ in range(50)]
     assert len({int(p) for p in spread}) > 10 and all(300 <= p < 600 for p in spread)
+
+
+def test_relists_after_a_failure_spread_over_most_of_their_delay(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Agents that lost the API together must not relist together: the delay after a failed
+    watch is drawn from 10% to 100% of the backoff, never longer."""
+    waits: list[float] = []
+    stop = threading.Event()
+
+    def wait(delay: float) -> bool:
+        waits.append(delay)
+        return len(waits) >= 200
+
+    def failing() -> None:
+        raise ApiError("watch", 0, "connection refused")
+
+    monkeypatch.setattr(stop, "wait", wait)
+    monkeypatch.setattr(stop, "is_set", lambda: len(waits) >= 200)
+    monkeypatch.setattr(watching_module, "Backoff",
+                        lambda jitter: Backoff(jitter=jitter, maximum=1.0))
+    watching_module.follow("PV", failing, lambda: None, stop)
+    assert all(0.1 <= w <= 1.0 for w in waits)
+    assert min(waits) < 0.3 and max(waits) > 0.8  # spread, not bunched near the full delay
 
 
 def test_the_cleaning_record_round_trips_and_tolerates_anything() -> None:

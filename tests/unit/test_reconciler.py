@@ -115,6 +115,24 @@ def test_a_create_conflict_with_this_nodes_pv_for_the_path_adopts_it(rig: Rig) -
     assert cached is not None and cached["metadata"]["uid"] == twin["metadata"]["uid"]
 
 
+def test_a_create_conflict_with_a_pv_being_deleted_waits_until_it_is_gone(rig: Rig) -> None:
+    """The PV at the name is this node's for the path but being deleted (its finalizer still
+    pending): adopting it would keep a ghost; the PV is created anew once it is gone."""
+    rig.host.add(CLASS, "a")
+    rig.start()
+    rig.pump()
+    going = upstream_pv(rig.name("a"), "/mnt/disks/a")
+    going["metadata"].update(finalizers=["kubernetes.io/pv-protection"],
+                             deletionTimestamp="2026-01-01T00:00:00Z")
+    old = rig.kube.put_pv(going)
+    result = rig.loop.sync()  # the cache has not seen it: the create gets 409
+    assert result.created_by_mode == {} and result.errors == 0
+    assert rig.loop.cache.get(rig.name("a")) is None
+    rig.kube.finalize_pv(rig.name("a"))
+    assert rig.pass_().created_by_mode == {"Filesystem": 1}
+    assert rig.kube.pvs[rig.name("a")]["metadata"]["uid"] != old["metadata"]["uid"]
+
+
 def test_an_unbound_pv_whose_disk_is_gone_is_withdrawn(rig: Rig) -> None:
     rig.host.add(CLASS, "a")
     rig.start()

@@ -65,6 +65,30 @@ def test_a_released_volume_is_cleaned_its_pv_deleted_and_offered_again(rig: Rig)
     assert record(rig, name).state is CleaningState.NONE
 
 
+def test_a_cleaned_pv_still_held_by_its_finalizer_is_not_taken_back(rig: Rig) -> None:
+    """After the clean, the PV's delete waits on kube-controller-manager's pv-protection
+    finalizer: the recreate meets the terminating PV (409). It must not be adopted (a ghost
+    the cache would keep) nor marked dirty again; once gone, a fresh PV is offered."""
+    name = claimed_then_released(rig)
+    rig.kube.update_pv(name, lambda pv: pv["metadata"].update(
+        finalizers=["kubernetes.io/pv-protection"]))
+    uid = rig.kube.pvs[name]["metadata"]["uid"]
+    rig.pass_()
+    assert rig.cleaner is not None
+    rig.cleaner.wait()
+    for _ in range(2):
+        held = rig.pass_()
+        assert held.created_by_mode == {} and held.errors == 0
+        assert rig.kube.pvs[name]["metadata"]["uid"] == uid  # still terminating
+        assert rig.loop.cache.get(name) is None and rig.dirty.paths() == frozenset()
+    rig.kube.finalize_pv(name)
+    offered = rig.pass_()
+    assert offered.created_by_mode == {"Filesystem": 1}
+    fresh = rig.kube.pvs[name]
+    assert fresh["metadata"]["uid"] != uid and fresh["status"]["phase"] == "Available"
+    assert rig.cleaner.cleaned == ["/mnt/disks/a"] and rig.dirty.paths() == frozenset()
+
+
 def test_a_failed_clean_is_recorded_on_the_pv_and_retried_after_its_delay(rig: Rig) -> None:
     name = claimed_then_released(rig)
     assert rig.cleaner is not None
