@@ -14,6 +14,7 @@ See docs/architecture.md for the threads and the invariants.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -144,6 +145,7 @@ class Reconciler:
         self.state = LoopState()
         self.watcher: PVWatcher | None = None
         self.taint_checked = False  # the startup taint is gone (or was never there)
+        self._wrote = False  # the last pass wrote PVs: the next one holds Events throughout
 
     @property
     def settings(self) -> RunSettings:
@@ -277,9 +279,13 @@ class Reconciler:
 
     def sync(self) -> PassResult:
         """One level-driven pass: host → desired PVs → plan against the cache → apply. Events
-        wait meanwhile: passes back to back (many disks arriving) keep the API for the PVs."""
-        with self.events.held():
-            return self._sync()
+        wait during its writes and, right after a pass that wrote PVs (many disks arriving),
+        during all of it: the API is kept for the PVs, yet passes that write nothing (the PV
+        controller marking a thousand new PVs Available) never hold the Events back."""
+        with self.events.held() if self._wrote else contextlib.nullcontext():
+            result = self._sync()
+        self._wrote = result.plan.writes > 0
+        return result
 
     def _sync(self) -> PassResult:
         started = time.monotonic()

@@ -345,3 +345,25 @@ def test_a_new_pv_made_available_wakes_a_settled_pass_other_changes_one_at_once(
         assert schedule.due() <= time.monotonic()  # a mount asks for a pass now: served along
     finally:
         rig.close()
+
+
+def test_events_wait_for_a_pass_after_one_that_wrote_never_for_idle_ones(
+        tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    held: list[int] = []
+    take = rig.loop._sync
+
+    def observed() -> Any:
+        held.append(rig.loop.events._holds)
+        return take()
+
+    rig.loop._sync = observed  # type: ignore[method-assign]
+    try:
+        rig.host.add(CLASS, "a")
+        rig.start()
+        rig.pass_()  # nothing written before it: Events flow while it observes
+        rig.pass_()  # right after a pass that created a PV: Events wait throughout
+        rig.pass_()  # after one that wrote nothing
+        assert held == [0, 1, 0]
+    finally:
+        rig.close()
