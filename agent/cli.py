@@ -95,12 +95,14 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
     def observe_request(verb: str, outcome: str, seconds: float) -> None:
         metrics.observe_request(verb, outcome, seconds)
-        if threading.current_thread().name == "reconcile":  # answered or failed in time
+        # answered or failed in time, on the loop thread or one of its writers
+        if threading.current_thread().name.startswith("reconcile"):
             for note in loop_progress:
                 note()
 
     try:
-        kube = Kube(args.kubeconfig or None, observe=observe_request)
+        kube = Kube(args.kubeconfig or None, observe=observe_request,
+                    connections=args.api_concurrency)
     except Exception as exc:  # the client raises several unrelated types for a bad kubeconfig
         print(f"localpv-agent: cannot configure the API client: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -166,7 +168,8 @@ def _settings(args: argparse.Namespace, resync: float | None) -> RunSettings:
         withdraw_removed_classes=args.withdraw_removed_classes,
         clean_stale_after=args.clean_stale_after,
         clean_retry_base=args.clean_retry_base, config_path=args.config,
-        job_image=args.job_image, namespace=args.namespace, debounce=args.debounce)
+        job_image=args.job_image, namespace=args.namespace, debounce=args.debounce,
+        api_concurrency=args.api_concurrency)
 
 
 def _run_until_stopped(reconciler: Reconciler) -> None:
@@ -445,6 +448,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _printable(text: str) -> str:
     """Escape control characters and undecodable bytes so one entry stays on one line."""
     if text.isprintable():
@@ -532,6 +542,9 @@ def _parser() -> argparse.ArgumentParser:
     run_p.add_argument("--debounce", type=float, default=0.0, help=argparse.SUPPRESS)
     run_p.add_argument("--wake-filter", action=argparse.BooleanOptionalAction, default=True,
                        help=argparse.SUPPRESS)
+    run_p.add_argument("--api-concurrency", type=_positive_int, default=8, metavar="N",
+                       help="PV writes of a pass sent to the API at once; 1 sends them one "
+                            "after another (default: %(default)s)")
     run_p.add_argument("--state-dir", default="/var/lib/localpv-agent",
                        help="host dir remembering volumes not cleaned yet (default: %(default)s)")
     run_p.add_argument("--clean-concurrency", type=int, default=2,

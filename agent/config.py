@@ -135,6 +135,8 @@ class ClassConfig:
 
     def matches(self, entry_name: str) -> bool:
         """Whether an entry of `mount_dir` belongs to this class (`namePattern` globs)."""
+        if "*" in self.name_patterns:  # the default: every name, without a glob per entry
+            return True
         return any(fnmatch.fnmatchcase(entry_name, p) for p in self.name_patterns)
 
 

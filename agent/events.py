@@ -1,7 +1,8 @@
 """Posting Events, off the loop thread, and reporting each lasting condition once.
 
 An API that stalls must not stall the loop: Events are queued and posted by a thread of their
-own, in order. A lasting condition (`Notice.once`) is posted once while it lasts; when the API
+own, in order, and they wait while a pass writes PVs (`held`): an Event never delays a PV.
+A lasting condition (`Notice.once`) is posted once while it lasts; when the API
 refuses it, it is forgotten again, so the next pass that reports it tries again. A pass that
 reports the complete current set of a `Scope` also clears the conditions of that scope that are
 gone, so each is reported anew when it comes back. Nothing but Events depends on this: metrics
@@ -15,7 +16,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 
 from agent.kube import ApiError, Kube
 from agent.notices import Notice, Once, Scope
@@ -23,7 +24,10 @@ from agent.volumes import NodeInfo
 
 log = logging.getLogger(__name__)
 
-QUEUE_LIMIT = 1000  # Events waiting to be posted; beyond it new ones are dropped (and logged)
+# Events waiting to be posted; beyond it new ones are dropped (and logged). Room for a
+# Provisioned Event per volume of a few thousand mounted at once, plus their conditions.
+QUEUE_LIMIT = 5000
+HOLD_MAX = 10.0  # seconds an Event waits for the pass's writes (`held`) before going anyway
 
 
 class EventRecorder:
@@ -39,6 +43,7 @@ class EventRecorder:
         self._pending = 0
         self._closed = False
         self._dropping = False
+        self._holds = 0  # passes writing PVs now: Events wait for them (`held`)
         self._thread: threading.Thread | None = None
         self.posted = 0
         self.failed = 0
@@ -74,6 +79,19 @@ class EventRecorder:
         with self._lock:
             return key in self._reported
 
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """While a pass writes its PVs, Events wait (at most HOLD_MAX seconds each): they are
+        worth less than the PVs and must not take the API from them."""
+        with self._lock:
+            self._holds += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holds -= 1
+                self._lock.notify_all()
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     def drain(self, timeout: float) -> bool:
@@ -93,6 +111,7 @@ class EventRecorder:
         self.drain(timeout)
         with self._lock:
             self._closed = True
+            self._lock.notify_all()
         with contextlib.suppress(queue.Full):
             self._queue.put_nowait(None)
 
@@ -121,6 +140,8 @@ class EventRecorder:
 
     def _run(self) -> None:
         while (notice := self._queue.get()) is not None:
+            with self._lock:
+                self._lock.wait_for(lambda: not self._holds or self._closed, HOLD_MAX)
             ok = self._send(notice)
             with self._lock:
                 self._pending -= 1

@@ -398,6 +398,10 @@ class _Walk(Generic[T]):
         self.cursor = 0
         self.cond = threading.Condition(reader._lock)  # the one lock that guards _hanging
         self.slow = min(SLOW_AFTER, reader.timeout)
+        # When the caller wakes next on its own: a worker wakes it only to say something it
+        # needs sooner (a call it must time from earlier, or the last result), not per entry,
+        # which for a thousand entries made the pass a thousand thread switches longer.
+        self.caller_wakes = 0.0
 
     def run(self) -> dict[str, T | Hung | BaseException]:
         timeout = self.reader.timeout
@@ -418,6 +422,7 @@ class _Walk(Generic[T]):
                         continue
                     wake = min(wake, began + (timeout if key in self.handed_off else self.slow))
                 if len(self.results) < len(self.keys):
+                    self.caller_wakes = wake
                     self.cond.wait(max(0.0, wake - now) + 0.005)
         return self.results
 
@@ -442,8 +447,10 @@ class _Walk(Generic[T]):
                 self.cond.notify_all()
                 continue
             doing = Doing()
-            self.running[key] = (time.monotonic(), doing)
-            self.cond.notify_all()  # the waiting caller times this call from now
+            began = time.monotonic()
+            self.running[key] = (began, doing)
+            if began + self.slow < self.caller_wakes:  # it would time this call too late
+                self.cond.notify_all()
             return key, doing
         return None
 
@@ -466,7 +473,8 @@ class _Walk(Generic[T]):
                     del hanging[key]
                     log.info("host call on %s answered again (%s)", key, doing.what)
                 self.results.setdefault(key, outcome)
-                self.cond.notify_all()
+                if len(self.results) == len(self.keys):  # the caller waits for no less
+                    self.cond.notify_all()
                 if key in self.handed_off:
                     return  # another worker carries on with the rest
 

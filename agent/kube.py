@@ -64,6 +64,7 @@ from kubernetes.client.exceptions import ApiException  # noqa: E402
 from kubernetes.client.rest import RESTClientObject, RESTResponse  # noqa: E402
 from kubernetes.watch.watch import iter_resp_lines  # noqa: E402
 
+from agent.backoff import exponential  # noqa: E402
 from agent.pv import rfc3339  # noqa: E402
 from agent.volumes import NodeInfo  # noqa: E402
 
@@ -73,14 +74,21 @@ T = TypeVar("T")
 PV = dict[str, Any]
 EVENTS_NAMESPACE = "default"  # where the kubelet records events of cluster-scoped objects
 COMPONENT = "localpv-agent"
+# A 429 (the apiserver's max-inflight or priority-and-fairness limit) is retried here, since
+# the server asked for it: after its Retry-After, else after a jittered backoff, a few times.
+THROTTLE_RETRIES = 5  # 429s taken per request before it fails (the next pass tries again)
+THROTTLE_WAIT_MAX = 10.0  # seconds waited after one 429, whatever Retry-After says
+THROTTLE_BACKOFF = 0.5  # first wait after a 429 without Retry-After, doubling to the max
 
 
 class ApiError(Exception):
     """A failed API request; `status` is the HTTP status, 0 when the server was not reached."""
 
-    def __init__(self, verb: str, status: int, message: str) -> None:
+    def __init__(self, verb: str, status: int, message: str,
+                 retry_after: float | None = None) -> None:
         self.verb = verb
         self.status = status
+        self.retry_after = retry_after  # seconds the server asked to wait (429, 503)
         super().__init__(f"{verb}: HTTP {status}: {message}" if status else f"{verb}: {message}")
 
     @property
@@ -100,7 +108,8 @@ class Kube:
     """A small typed facade over the client, for the handful of calls the agent makes."""
 
     def __init__(self, kubeconfig: str | None = None, observe: RequestObserver | None = None,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, connections: int = 0,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         cfg = Configuration()
         if kubeconfig:  # out of the cluster only: this loader brings oauthlib and pydantic
             kube_config = importlib.import_module("kubernetes.config.kube_config")
@@ -111,7 +120,10 @@ class Kube:
         # No retries inside the client: a stalled API would hold one call for several
         # timeouts. The agent retries with its own backoff, and each failure shows.
         cfg.retries = 0
+        # Kept-alive connections: one per concurrent write, plus the watch, Events, heartbeats.
+        cfg.connection_pool_maxsize = max(cfg.connection_pool_maxsize or 0, connections + 4)
         self._api = _Rest(cfg)
+        self._sleep = sleep
         self._core = _Group(self._api, "/api/v1", CORE_V1)
         self._timeout = timeout
         self.requests: Counter[tuple[str, str]] = Counter()  # (verb, "ok" | "error")
@@ -306,13 +318,32 @@ class Kube:
     # -- plumbing ------------------------------------------------------------------------------
 
     def _call(self, verb: str, request: Callable[[], Any]) -> Any:
+        """One request; a 429 is waited out and sent again, at most THROTTLE_RETRIES times."""
+        for attempt in range(1, THROTTLE_RETRIES + 2):
+            try:
+                return self._once(verb, request)
+            except ApiError as exc:
+                if exc.status != 429 or attempt > THROTTLE_RETRIES:
+                    raise
+                wait = exc.retry_after
+                if wait is None:
+                    wait = exponential(attempt, THROTTLE_BACKOFF, THROTTLE_WAIT_MAX)
+                wait = min(max(wait, 0.0), THROTTLE_WAIT_MAX)
+                log.debug("%s: throttled by the API (429), retrying in %.2fs", verb, wait)
+                self._sleep(wait)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _once(self, verb: str, request: Callable[[], Any]) -> Any:
         start = time.monotonic()
         try:
             response = request()
             data = json.loads(response.data or b"{}")
         except ApiException as exc:
-            self._count(verb, "error", time.monotonic() - start, exc.status or 0)
-            raise ApiError(verb, exc.status or 0, _api_message(exc)) from None
+            status = exc.status or 0
+            self._count(verb, "throttled" if status == 429 else "error",
+                        time.monotonic() - start, status)
+            raise ApiError(verb, status, _api_message(exc),
+                           _retry_after(exc.headers)) from None
         except (HTTPError, OSError, ValueError) as exc:
             self._count(verb, "error", time.monotonic() - start, 0)
             raise ApiError(verb, 0, str(exc)) from None
@@ -363,6 +394,16 @@ class Kube:
 
 
 RequestObserver = Callable[[str, str, float], None]
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Retry-After in seconds (the apiserver sends whole seconds); None when absent or a
+    date, which the apiserver never sends."""
+    try:
+        value = headers.get("Retry-After") if headers is not None else None
+        return max(0.0, float(value)) if value is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _api_message(exc: ApiException) -> str:

@@ -14,6 +14,7 @@ See docs/architecture.md for the threads and the invariants.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 CONDITIONS = frozenset({Scope.MISSING, Scope.CHANGED, Scope.CAPACITY, Scope.CLASS_REMOVED})
 EVENTS_DRAIN = 1.0  # seconds queued Events get to be posted when the loop stops
 WAIT_TICK = 2.0  # seconds between heartbeats (and config checks) while waiting
+AVAILABLE_SETTLE = 2.0  # seconds a "new PV became Available" wake-up waits for company
 
 
 @dataclass
@@ -129,7 +131,7 @@ class Reconciler:
         self.wake = threading.Event()
         self.waker = Waker(self.wake, PassSchedule(
             settings.debounce, settings.pass_burst, settings.pass_rate,
-            settle={"inotify": settings.entry_settle}))
+            settle={"inotify": settings.entry_settle, "pv-available": AVAILABLE_SETTLE}))
         self.cache = PVCache()
         self.events = EventRecorder(kube, lambda: self.ctx.node)
         self.ctx = Context(kube, PVStore(kube, self.cache, self.wake.set), self.events,
@@ -143,6 +145,7 @@ class Reconciler:
         self.state = LoopState()
         self.watcher: PVWatcher | None = None
         self.taint_checked = False  # the startup taint is gone (or was never there)
+        self._wrote = False  # the last pass wrote PVs: the next one holds Events throughout
 
     @property
     def settings(self) -> RunSettings:
@@ -275,7 +278,16 @@ class Reconciler:
     # -- one pass ------------------------------------------------------------------------------
 
     def sync(self) -> PassResult:
-        """One level-driven pass: host → desired PVs → plan against the cache → apply."""
+        """One level-driven pass: host → desired PVs → plan against the cache → apply. Events
+        wait during its writes and, right after a pass that wrote PVs (many disks arriving),
+        during all of it: the API is kept for the PVs, yet passes that write nothing (the PV
+        controller marking a thousand new PVs Available) never hold the Events back."""
+        with self.events.held() if self._wrote else contextlib.nullcontext():
+            result = self._sync()
+        self._wrote = result.plan.writes > 0
+        return result
+
+    def _sync(self) -> PassResult:
         started = time.monotonic()
         woken_at = self.waker.take_first_wake()
         self.recycler.collect()

@@ -43,14 +43,17 @@ class PVCache:
 
     def apply(self, event_type: str, pv: PV) -> None:
         with self._lock:
-            name, uid = pvs.name(pv), pvs.uid(pv)
-            if event_type == "DELETED":
-                if pvs.uid(self._pvs.get(name) or {}) in ("", uid):
-                    self._pvs.pop(name, None)
-                self._gone(uid)
-            elif event_type in ("ADDED", "MODIFIED") and uid not in self._deleted:
-                self._pvs[name] = pv
-            self.version = pvs.resource_version(pv) or self.version
+            self._apply(event_type, pv)
+
+    def _apply(self, event_type: str, pv: PV) -> None:
+        name, uid = pvs.name(pv), pvs.uid(pv)
+        if event_type == "DELETED":
+            if pvs.uid(self._pvs.get(name) or {}) in ("", uid):
+                self._pvs.pop(name, None)
+            self._gone(uid)
+        elif event_type in ("ADDED", "MODIFIED") and uid not in self._deleted:
+            self._pvs[name] = pv
+        self.version = pvs.resource_version(pv) or self.version
 
     def expire(self) -> None:
         """The watch cannot resume: the next round lists afresh."""
@@ -71,12 +74,12 @@ class PVCache:
 
     def put(self, pv: PV) -> None:
         """The response of this agent's own write. The watch may already have delivered a
-        newer version of the object; an older response must not replace it."""
+        newer version of the object; an older response must not replace it. One step under the
+        lock: the watch thread and the pass's writers put PVs at the same time."""
         with self._lock:
             cached = self._pvs.get(pvs.name(pv))
-        if cached is not None and pvs.newer(cached, pv):
-            return
-        self.apply("ADDED", pv)
+            if cached is None or not pvs.newer(cached, pv):
+                self._apply("ADDED", pv)
 
     def get(self, name: str) -> PV | None:
         with self._lock:
@@ -146,8 +149,9 @@ class PVWatcher:
         self.cache = cache
         self.selector = selector
         self.stop = stop
-        # worth a pass: "" after a fresh list (it may show anything), "pv-deleted" or
-        # "pv-modified" for a watch event that changed a PV's existence, phase or claim
+        # worth a pass: "" after a fresh list (it may show anything), "pv-deleted",
+        # "pv-modified" or "pv-available" for a watch event that changed a PV's existence,
+        # phase or claim (see _wake_source)
         self.on_change = on_change
         self._thread: threading.Thread | None = None
 
@@ -173,15 +177,25 @@ class PVWatcher:
                 continue
             before = self.cache.get(pvs.name(pv))
             self.cache.apply(event_type, pv)
-            if _phase_changed(event_type, before, pv):
+            source = _wake_source(event_type, before, pv)
+            if source is not None:
                 # a PV deleted by hand is recreated now, a Released one cleaned now
-                self.on_change("pv-" + event_type.lower())
+                self.on_change(source)
 
 
-def _phase_changed(event_type: str, before: PV | None, after: PV) -> bool:
-    """Whether a watch event is worth a pass: a PV gone, or its phase or claim changed."""
+def _wake_source(event_type: str, before: PV | None, after: PV) -> str | None:
+    """Whether a watch event is worth a pass, and as which wake-up source: a PV gone
+    ("pv-deleted"), its phase or claim changed ("pv-modified"), or a new unclaimed PV made
+    Available by the PV controller ("pv-available": worth a pass only for the rare change its
+    disk saw meanwhile, so those wake-ups settle: a thousand new PVs are not a thousand
+    passes)."""
     if event_type == "DELETED":
-        return True
+        return "pv-deleted"
     if before is None:
-        return False  # ADDED: usually this agent's own create
-    return (pvs.phase(before), pvs.claim_ref(before)) != (pvs.phase(after), pvs.claim_ref(after))
+        return None  # ADDED: usually this agent's own create
+    was, now = (pvs.phase(before), pvs.claim_ref(before)), (pvs.phase(after), pvs.claim_ref(after))
+    if was == now:
+        return None
+    if was[0] in ("", "Pending") and now[0] == "Available" and was[1] is None is now[1]:
+        return "pv-available"
+    return "pv-modified"

@@ -26,3 +26,4 @@ class RunSettings:
     job_image: str | None = None  # useJobForCleaning's image
     namespace: str = "default"  # of cleaning Jobs
     job_poll: float = 5.0  # seconds between looks at running cleaning Jobs
+    api_concurrency: int = 8  # PV writes of a pass in flight at once; 1: one after another

@@ -85,7 +85,8 @@ class FakeKube:
     def fail(self, method: str, error: ApiError | Exception | None = None, times: int = 1) -> None:
         """The next `times` calls of `method` raise `error` (a 500 by default)."""
         error = error or ApiError(method, 500, "injected failure")
-        self._faults.setdefault(method, []).extend([error] * times)
+        with self._lock:
+            self._faults.setdefault(method, []).extend([error] * times)
 
     def writes(self) -> int:
         """API writes so far (Events excluded)."""
@@ -314,15 +315,16 @@ class FakeKube:
     # -- plumbing -------------------------------------------------------------------------------
 
     def _enter(self, method: str, verb: str) -> None:
-        self.calls[method] += 1
-        faults = self._faults.get(method)
-        if faults:
-            error = faults.pop(0)
-            self.requests[(verb, "error")] += 1
-            self.reachable = isinstance(error, ApiError) and 0 < error.status < 500
-            raise error
-        self.requests[(verb, "ok")] += 1
-        self.reachable = True
+        with self._lock:  # the agent's writes come from several threads at once
+            self.calls[method] += 1
+            faults = self._faults.get(method)
+            if faults:
+                error = faults.pop(0)
+                self.requests[(verb, "error")] += 1
+                self.reachable = isinstance(error, ApiError) and 0 < error.status < 500
+                raise error
+            self.requests[(verb, "ok")] += 1
+            self.reachable = True
 
     def _error(self, verb: str, status: int, message: str) -> ApiError:
         self.requests[(verb, "ok")] -= 1

@@ -38,9 +38,11 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return json.loads(self.rfile.read(length) or b"{}")
 
-    def _send(self, status: int, body: Any) -> None:
+    def _send(self, status: int, body: Any, retry_after: float | None = None) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
+        if retry_after is not None:  # a 429's, as the apiserver sends it
+            self.send_header("Retry-After", f"{retry_after:g}")
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -48,7 +50,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _fail(self, error: ApiError) -> None:
         self._send(error.status or 500, {"kind": "Status", "status": "Failure",
-                                         "message": str(error), "code": error.status})
+                                         "message": str(error), "code": error.status},
+                   error.retry_after)
 
     def do_GET(self) -> None:
         self._route("GET")

@@ -51,9 +51,9 @@ class FakeCleaner(Cleaner):
 
 class Rig:
     def __init__(self, tmp_path: Path, classes: dict[str, dict[str, Any]] | None = None,
-                 cleaner: bool = True, **settings: Any) -> None:
+                 cleaner: bool = True, kube: FakeKube | None = None, **settings: Any) -> None:
         self.tmp = tmp_path
-        self.kube = FakeKube(watch_timeout=0.0)
+        self.kube = kube or FakeKube(watch_timeout=0.0)
         self.kube.add_node(NODE, labels={"kubernetes.io/hostname": HOSTNAME})
         self.classes = classes or {CLASS: {"hostDir": "/mnt/disks"}}
         for name in self.classes:
