@@ -89,14 +89,23 @@ class Waker:
                 self.schedule.woken()
             return self.schedule.due()
 
-    def take_first_wake(self) -> float | None:
-        """A pass starts: it serves every wake-up so far (later ones make another pass due).
-        Returns when the oldest source wake-up it serves arrived, for the latency metric."""
+    def take_first_wake(self, restart: bool = False) -> float | None:
+        """A pass starts (`restart`: starts reading the host over): it serves every wake-up so
+        far (later ones make another pass due). Returns when the oldest source wake-up it
+        serves arrived, for the latency metric."""
         with self._lock:
             self.event.clear()
-            self.schedule.started()
+            if restart:
+                self.schedule.restarted()
+            else:
+                self.schedule.started()
             first, self.first_wake = self.first_wake, None
             return first
+
+    def wants_pass_now(self) -> bool:
+        """A wake-up since the pass started wants a pass at once (PassSchedule.wants_now)."""
+        with self._lock:
+            return self.schedule.wants_now()
 
 
 class Source:

@@ -60,6 +60,17 @@ class PassSchedule:
         now = self.clock()
         self._tokens = max(0.0, self._available(now) - 1.0)
         self._tokens_at = now
+        return self.restarted()
+
+    def wants_now(self) -> bool:
+        """A wake-up since the pass started wants a pass now (not one that settles first).
+        A pass still reading the host then starts reading it over (`restarted`) instead of
+        finishing a look that is already out of date and making a second pass due."""
+        return self.pending_since is not None and self._wanted_at <= self.clock()
+
+    def restarted(self) -> float | None:
+        """The running pass reads the host again from the start: it serves every wake-up so
+        far, at no token (it is the same pass). Returns when the oldest of them arrived."""
         since, self.pending_since, self._wanted_at = self.pending_since, None, INF
         return since
 

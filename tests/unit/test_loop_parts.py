@@ -309,7 +309,7 @@ def test_a_crashing_or_host_failing_pass_is_retried(rig: Rig, monkeypatch: pytes
     rig.host.add(CLASS, "a")
     calls = []
 
-    def broken(config: object) -> None:
+    def broken(config: object, interrupted: object = None) -> None:
         calls.append(1)
         if len(calls) == 1:
             raise OSError(5, "Input/output error")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
+
 from agent.config import Config
 from agent.discovery import HostSnapshot
 from agent.sources import Waker
@@ -261,7 +263,70 @@ def test_a_new_entry_settles_before_its_pass_unless_a_mount_asks_for_one_now() -
     assert schedule.due() == INF
 
 
+def test_a_wake_up_that_wants_a_pass_now_restarts_the_running_pass_at_no_token() -> None:
+    clock = Clock()
+    schedule = PassSchedule(burst=1, rate=1.0, settle={"inotify": 0.2}, clock=clock)
+    schedule.woken("mount")
+    schedule.started()  # the only token of the burst
+    assert not schedule.wants_now()  # nothing new since the pass started
+    schedule.woken("inotify")  # a new entry settles first: not a reason to read over
+    assert not schedule.wants_now()
+    clock.now += 0.01
+    schedule.woken("mount")  # a mount wants its pass now
+    assert schedule.wants_now()
+    assert schedule.restarted() == clock.now - 0.01  # serves both, the oldest first
+    assert not schedule.wants_now() and schedule.due() == INF
+    schedule.woken("mount")  # after the restart: a follow-up, held to the rate as before
+    assert schedule.due() == pytest.approx(1001.0)  # the restart spent no token
+
+
+def test_a_settling_wake_up_wants_its_pass_once_settled() -> None:
+    clock = Clock()
+    schedule = PassSchedule(settle={"inotify": 0.2}, clock=clock)
+    schedule.started()
+    schedule.woken("inotify")
+    assert not schedule.wants_now()
+    clock.now += 0.2
+    assert schedule.wants_now()
+
+
 # -- the loop ----------------------------------------------------------------------------------
+
+
+def test_a_mount_while_the_host_is_read_restarts_the_read_in_the_same_pass(
+        tmp_path: Path) -> None:
+    """A pass reading the host when a mount arrives reads it over at once (before deciding
+    anything), so the new disk gets its PV in this pass, not in a follow-up one."""
+    rig = Rig(tmp_path, resync_period=3600.0).start()
+    try:
+        rig.host.add(CLASS, "a")
+        rig.pass_()
+
+        def mount_b() -> None:
+            if rig.host.snapshots == 2:  # the second pass, while it reads the host
+                rig.host.add(CLASS, "b")
+                rig.loop.waker.wake("mount")
+
+        rig.host.while_reading = mount_b
+        rig.loop.waker.wake("inotify")
+        result = rig.pass_()
+        assert rig.pv("b") is not None and result.created_by_mode == {"Filesystem": 1}
+        assert (rig.host.snapshots, rig.host.interrupted) == (3, 1)
+        assert rig.loop.waker.due() == INF  # the restart served the mount: no follow-up due
+        assert result.woken_at is not None  # the latency counts from the first wake-up
+
+        def mount_more() -> None:  # a host that never stops changing: read over once only
+            rig.host.add(CLASS, f"c{rig.host.snapshots}")
+            rig.loop.waker.wake("mount")
+
+        rig.host.while_reading = mount_more
+        rig.pass_()
+        assert (rig.host.snapshots, rig.host.interrupted) == (5, 2)
+        assert rig.loop.waker.due() < INF  # the mount during the second read: a follow-up
+    finally:
+        rig.close()
+
+
 
 
 def test_the_loop_serves_a_burst_during_a_pass_with_one_follow_up(tmp_path: Path) -> None:
@@ -272,7 +337,8 @@ def test_the_loop_serves_a_burst_during_a_pass_with_one_follow_up(tmp_path: Path
     reading, release = threading.Event(), threading.Event()
     snapshot = rig.host.snapshot
 
-    def slow_snapshot(config: Config) -> HostSnapshot:
+    def slow_snapshot(config: Config, interrupted: object = None) -> HostSnapshot:
+        # not `interrupted`: the burst stands for wake-ups after the pass read the host
         if rig.host.snapshots == 1:  # the second pass: hold it while the burst arrives
             reading.set()
             assert release.wait(10)
