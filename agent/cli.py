@@ -7,6 +7,7 @@ unreadable discovery directory) end in one clear line and a non-zero exit, never
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -148,6 +149,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
         if args.port_file:
             Path(args.port_file).write_text(f"{server.port}\n")
 
+    # Everything built so far (modules, the API client, metrics) lives as long as the
+    # process: out of the collector's sight, a full collection no longer walks it all, which
+    # took up to 0.1 s in the middle of a pass.
+    gc.freeze()
     _run_until_stopped(reconciler)
     if server is not None:
         server.stop()

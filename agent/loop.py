@@ -343,10 +343,15 @@ class Reconciler:
     def _look(self, interrupted: Callable[[], bool] | None) -> tuple[
             dict[str, PV], dict[str, PV],
             tuple[HostSnapshot, Discovery, dict[str, tuple[VolumeState, Mapping[str, str]]]]]:
-        """The PVs cached (all, and this node's) and what `_observe` sees of the host."""
+        """The PVs cached (all, and this node's) and what `_observe` sees of the host;
+        SnapshotInterrupted when `interrupted` says so before it is all read (then nothing
+        was decided yet)."""
         cached = self.cache.snapshot()
         ours = {n: pv for n, pv in cached.items() if pvs.is_this_nodes(pv, self.node)}
-        return cached, ours, self._observe(ours, interrupted)
+        observed = self._observe(ours, interrupted)
+        if interrupted is not None and interrupted():
+            raise SnapshotInterrupted
+        return cached, ours, observed
 
     def _observe(self, ours: Mapping[str, PV], interrupted: Callable[[], bool] | None = None
                  ) -> tuple[HostSnapshot, Discovery,

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from agent.discovery import SYSTEM_MOUNT_POINTS
 
 INF = float("inf")
+HOST_SOURCES = frozenset({"mount", "udev", "inotify"})  # the wake-ups that say the host changed
 
 
 class PassSchedule:
@@ -41,6 +42,7 @@ class PassSchedule:
         self.clock = clock
         self.pending_since: float | None = None  # the oldest wake-up no pass has served
         self._wanted_at = INF  # when the wake-ups so far want their pass
+        self._host_wanted_at = INF  # the same, of the wake-ups that say the host changed
         self._tokens = float(self.burst)
         self._tokens_at = clock()
 
@@ -51,8 +53,10 @@ class PassSchedule:
         now = self.clock()
         if self.pending_since is None:
             self.pending_since = now
-        self._wanted_at = min(self._wanted_at,
-                              now + max(self.debounce, self.settle.get(source, 0.0)))
+        wanted = now + max(self.debounce, self.settle.get(source, 0.0))
+        self._wanted_at = min(self._wanted_at, wanted)
+        if source in HOST_SOURCES:
+            self._host_wanted_at = min(self._host_wanted_at, wanted)
 
     def started(self) -> float | None:
         """A pass starts reading the host now: it serves every wake-up so far. Returns when
@@ -63,15 +67,17 @@ class PassSchedule:
         return self.restarted()
 
     def wants_now(self) -> bool:
-        """A wake-up since the pass started wants a pass now (not one that settles first).
-        A pass still reading the host then starts reading it over (`restarted`) instead of
-        finishing a look that is already out of date and making a second pass due."""
-        return self.pending_since is not None and self._wanted_at <= self.clock()
+        """A wake-up since the pass started says the host changed and wants a pass now (not
+        one that settles first). A pass still reading the host then reads it over
+        (`restarted`) instead of finishing a look already out of date and making a second
+        pass due. A PV's change (the watch) does not make what was read of the host stale."""
+        return self._host_wanted_at <= self.clock()
 
     def restarted(self) -> float | None:
         """The running pass reads the host again from the start: it serves every wake-up so
         far, at no token (it is the same pass). Returns when the oldest of them arrived."""
-        since, self.pending_since, self._wanted_at = self.pending_since, None, INF
+        since, self.pending_since = self.pending_since, None
+        self._wanted_at = self._host_wanted_at = INF
         return since
 
     def due(self) -> float:

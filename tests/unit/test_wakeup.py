@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from agent.config import Config
-from agent.discovery import HostSnapshot
+from agent.plan import Recycling
 from agent.sources import Waker
 from agent.wakeup import (
     INF,
@@ -270,6 +270,7 @@ def test_a_wake_up_that_wants_a_pass_now_restarts_the_running_pass_at_no_token()
     schedule.started()  # the only token of the burst
     assert not schedule.wants_now()  # nothing new since the pass started
     schedule.woken("inotify")  # a new entry settles first: not a reason to read over
+    schedule.woken("pv-modified")  # a PV changed: what was read of the host is still right
     assert not schedule.wants_now()
     clock.now += 0.01
     schedule.woken("mount")  # a mount wants its pass now
@@ -335,16 +336,18 @@ def test_the_loop_serves_a_burst_during_a_pass_with_one_follow_up(tmp_path: Path
     rig = Rig(tmp_path, resync_period=3600.0)
     rig.kube.watch_timeout = 0.05
     reading, release = threading.Event(), threading.Event()
-    snapshot = rig.host.snapshot
+    decide = rig.loop.recycler.decide
+    held = [False]
 
-    def slow_snapshot(config: Config, interrupted: object = None) -> HostSnapshot:
-        # not `interrupted`: the burst stands for wake-ups after the pass read the host
-        if rig.host.snapshots == 1:  # the second pass: hold it while the burst arrives
+    def slow_decide(*args: Any) -> Recycling:
+        # after the host was read: wake-ups now make a follow-up, not a second read
+        if rig.loop.state.passes == 1 and not held[0]:  # the second pass: hold it
+            held[0] = True
             reading.set()
             assert release.wait(10)
-        return snapshot(config)
+        return decide(*args)
 
-    rig.host.snapshot = slow_snapshot  # type: ignore[method-assign]
+    rig.loop.recycler.decide = slow_decide  # type: ignore[method-assign]
     rig.host.add(CLASS, "a")
     loop = threading.Thread(target=rig.loop.run, name="reconcile")
     loop.start()
@@ -354,7 +357,7 @@ def test_the_loop_serves_a_burst_during_a_pass_with_one_follow_up(tmp_path: Path
         passes = rig.loop.state.passes
         rig.loop.waker.wake("mount")
         assert reading.wait(10), "a wake-up did not start a pass"
-        rig.host.add(CLASS, "b")  # the held pass has read nothing yet: it sees b
+        rig.host.add(CLASS, "b")  # the held pass read the host already: the follow-up sees b
         for _ in range(50):
             rig.loop.waker.wake("udev")
         release.set()
