@@ -20,6 +20,7 @@ from agent.kube import PV, ApiError, Kube
 
 log = logging.getLogger(__name__)
 
+GONE_KEPT = 1000  # deleted UIDs remembered (a response overtaken by its DELETED event)
 RELIST_PAUSE_MAX = 5.0  # seconds: a watch expiring again and again never makes a tight loop
 
 
@@ -31,6 +32,10 @@ class PVCache:
         self._lock = threading.Lock()
         self._pvs: dict[str, PV] = {}
         self._deleted: set[str] = set()  # UIDs this agent deleted, until their DELETED event
+        # UIDs the watch saw deleted, the latest GONE_KEPT: a write's response or a re-read
+        # that arrives after the DELETED event must not bring the object back (it would stay
+        # in the cache, and hide that its disk has no PV, until the next relist)
+        self._gone: dict[str, None] = {}
         self.version = ""
 
     def replace(self, found: Mapping[str, PV], version: str) -> None:
@@ -42,9 +47,16 @@ class PVCache:
         with self._lock:
             name, uid = pvs.name(pv), pvs.uid(pv)
             if event_type == "DELETED":
-                self._pvs.pop(name, None)
+                cached = self._pvs.get(name)
+                if cached is not None and pvs.uid(cached) in (uid, ""):
+                    del self._pvs[name]  # not a newer object of the same name
                 self._deleted.discard(uid)
-            elif event_type in ("ADDED", "MODIFIED") and uid not in self._deleted:
+                if uid:
+                    self._gone[uid] = None
+                    if len(self._gone) > GONE_KEPT:
+                        del self._gone[next(iter(self._gone))]
+            elif (event_type in ("ADDED", "MODIFIED") and uid not in self._deleted
+                  and uid not in self._gone):
                 self._pvs[name] = pv
             self.version = pvs.resource_version(pv) or self.version
 

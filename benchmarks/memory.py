@@ -163,6 +163,9 @@ def cycles(agent: ModeAgent, cluster: ControlPlane, proc: psutil.Process, mount_
                  interval=CYCLE_POLL)
         if i + 1 == warm:
             after_warmup = rss(proc)
+        if (i + 1) % 500 == 0:  # progress, and the curve if the run is cut short
+            print(f"cycle {i + 1}: RSS {rss(proc):.2f} MiB, {time.monotonic() - started:.0f}s",
+                  file=sys.stderr, flush=True)
     time.sleep(RESYNC_SECONDS * 2)
     end = rss(proc)
     return {"mode": agent.mode, "cycles": count, "warmup_cycles": warm,

@@ -15,7 +15,7 @@ from agent.events import EventRecorder
 from agent.kube import ApiError
 from agent.notices import Notice, Once, Reason, Scope
 from agent.pv import CleaningRecord, CleaningState
-from agent.pvcache import PVCache, PVWatcher
+from agent.pvcache import GONE_KEPT, PVCache, PVWatcher
 from agent.volumes import NodeInfo
 from devkit.fake_kube import FakeKube
 from tests.unit.rig import CLASS, NODE, Rig, eventually
@@ -105,6 +105,24 @@ def test_the_cache_keeps_its_own_deletes_and_newer_versions() -> None:
     assert cache.get("p") is None and cache.version == "13"
     cache.expire()
     assert cache.version == ""
+
+
+def test_a_response_overtaken_by_its_deleted_event_does_not_bring_the_pv_back() -> None:
+    """Seen over thousands of mount/unmount cycles: the agent's create response was put in
+    the cache after the watch had delivered the PV's deletion (by someone else); the cache
+    then held a PV that did not exist, and the disk got none until the next relist."""
+    cache = PVCache()
+    first = {"metadata": {"name": "p", "uid": "u1", "resourceVersion": "10"}}
+    cache.apply("DELETED", {"metadata": {**first["metadata"], "resourceVersion": "11"}})
+    cache.put(first)  # the create's response, late
+    assert cache.get("p") is None
+    second = {"metadata": {"name": "p", "uid": "u2", "resourceVersion": "12"}}
+    cache.put(second)  # a new object of the same name is welcome
+    cache.apply("DELETED", first)  # a late event about the old one leaves the new one
+    assert cache.get("p") == second
+    for i in range(GONE_KEPT + 10):  # what is remembered stays bounded
+        cache.apply("DELETED", {"metadata": {"name": f"x{i}", "uid": f"x{i}"}})
+    assert len(cache._gone) == GONE_KEPT
 
 
 # -- Events ------------------------------------------------------------------------------------
