@@ -248,7 +248,8 @@ def _start_sources(reconciler: Reconciler, args: argparse.Namespace) -> None:
     sources = [
         UdevSource(waker, stop, receive_buffer=args.udev_buffer_size, dirs=wanted,
                    mountinfo=args.mountinfo),
-        MountTableSource(waker, stop, args.mountinfo, dirs=wanted),
+        MountTableSource(waker, stop, args.mountinfo, dirs=wanted,
+                         read_rate=args.mount_read_rate),
         InotifySource(waker, stop, lambda: [os.path.realpath(c.mount_dir)
                                             for c in reconciler.config.classes]),
     ]
@@ -537,6 +538,8 @@ def _parser() -> argparse.ArgumentParser:
     run_p.add_argument("--debounce", type=float, default=0.0, help=argparse.SUPPRESS)
     run_p.add_argument("--wake-filter", action=argparse.BooleanOptionalAction, default=True,
                        help=argparse.SUPPRESS)
+    # ... and the filter reading the mount table on every change (0: no rate)
+    run_p.add_argument("--mount-read-rate", type=float, default=None, help=argparse.SUPPRESS)
     run_p.add_argument("--state-dir", default="/var/lib/localpv-agent",
                        help="host dir remembering volumes not cleaned yet (default: %(default)s)")
     run_p.add_argument("--clean-concurrency", type=int, default=2,

@@ -120,6 +120,7 @@ class MountFilter:
     """
 
     def __init__(self) -> None:
+        self._table = b""
         self._lines: frozenset[bytes] | None = None
         self._dirs: tuple[str, ...] = ()
         self._exact: frozenset[bytes] = frozenset()
@@ -128,10 +129,13 @@ class MountFilter:
     def changed(self, table: bytes, dirs: Iterable[str]) -> bool:
         """Remember `table` (mountinfo's bytes); True when it matters to discovery. The first
         table is the baseline (False); new directories always matter."""
-        lines = frozenset(table.split(b"\n"))
-        previous, self._lines = self._lines, lines
         wanted = tuple(sorted(set(dirs)))
         new_dirs = wanted != self._dirs
+        if table == self._table and not new_dirs and self._lines is not None:
+            return False  # changed and changed back between two reads (one memcmp)
+        self._table = table
+        lines = frozenset(table.split(b"\n"))
+        previous, self._lines = self._lines, lines
         if new_dirs:
             self._set_dirs(wanted)
         if previous is None:
