@@ -169,6 +169,7 @@ class MountTableSource(Source):
         self.dirs = dirs
         self.read_rate = self.READ_RATE if read_rate is None else read_rate  # 0: every change
         self.ignored = 0  # changes the filter found irrelevant (tests, benchmarks)
+        self.reads = 0  # reads of the table for the filter (tests)
         self._resolved: tuple[tuple[str, ...], float, tuple[str, ...]] = ((), -1e9, ())
 
     def available(self) -> bool:
@@ -194,6 +195,7 @@ class MountTableSource(Source):
                     return
                 reads.started()
                 poller.poll(0)  # changes while waiting: the read below sees them
+                self.reads += 1
                 if table.changed(_read_all(f), self._watched_dirs()):
                     self.waker.wake(self.name)
                 else:

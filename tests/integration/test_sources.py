@@ -152,6 +152,42 @@ def test_mounts_outside_the_discovery_dir_cost_no_pass(tmp_path: Path) -> None:
     assert (passes, wakes) == (1, 1)
 
 
+def test_a_burst_of_mounts_elsewhere_costs_a_few_reads_and_a_mount_inside_still_wakes(
+        tmp_path: Path) -> None:
+    """60 tmpfs mounts and unmounts elsewhere as fast as they go: the table is read at most
+    the burst plus the rate's worth, not once per change; a mount in the discovery dir right
+    after still wakes the loop."""
+    ok, why = can_make_disks()
+    require(ok, why)
+    disc, elsewhere = tmp_path / "disks", tmp_path / "elsewhere"
+    disc.mkdir()
+    waker, stop = Waker(threading.Event()), threading.Event()
+
+    def scenario() -> tuple[int, float, int]:
+        source = MountTableSource(waker, stop, MOUNTINFO, dirs=lambda: [str(disc)])
+        assert source.start()
+        try:
+            with disks(tmp_path) as d:
+                assert until(lambda: source.thread.is_alive(), 10)
+                started = time.monotonic()
+                for i in range(60):
+                    d.tmpfs(elsewhere / f"pod-{i % 4}", size_mib=1)
+                    d.cleanup()
+                took = time.monotonic() - started
+                assert until(lambda: source.ignored >= 1, 30), "the churn was never seen"
+                reads = source.reads
+                d.tmpfs(disc / "vol", size_mib=1)
+                assert until(lambda: waker.wakeups["mount"] >= 1, 30), "the mount inside"
+                return reads, took, waker.wakeups["mount"]
+        finally:
+            stop.set()
+
+    reads, took, wakes = in_private_mount_namespace(scenario)
+    bound = MountTableSource.READ_BURST + MountTableSource.READ_RATE * (took + 1.0) + 1
+    assert reads <= bound, (reads, took)
+    assert wakes == 1
+
+
 def test_without_the_filter_every_mount_change_wakes(tmp_path: Path) -> None:
     """The benchmark's baseline (--no-wake-filter): a mount anywhere wakes the loop."""
     ok, why = can_make_disks()
