@@ -150,15 +150,16 @@ class MountTableSource(Source):
     to discovery (`MountFilter`): other mounts on the host cost one read of the table, never
     a pass. The flag re-arms in poll(2) itself; reading the table is only for the filter.
     The reads are leading-edge, then held to READ_RATE a second (a `PassSchedule` of reads):
-    a lone mount is read at once, while a host that mounts all the time (a kubelet starting
-    pods) costs a few reads a second, each serving every change since the one before, instead
-    of a read of the whole table (a kernel walk of every mount) per change.
+    a lone mount, or a burst of a few, is read at once, while a host that never stops
+    mounting costs one read a second, serving every change since the one before, instead of
+    a read of the whole table (a kernel walk of every mount) per change. The price: a mount
+    in a discovery dir during such churn waits up to 1/READ_RATE seconds to be seen.
     """
 
     name = "mount"
     RESOLVE_EVERY = 30.0  # seconds a resolved discovery directory (realpath) is trusted
     READ_BURST = 5  # table reads at once after a quiet spell ...
-    READ_RATE = 2.0  # ... then this many a second while changes keep coming
+    READ_RATE = 1.0  # ... then this many a second while changes keep coming
 
     def __init__(self, waker: Waker, stop: threading.Event,
                  mountinfo: str = "/proc/self/mountinfo",
