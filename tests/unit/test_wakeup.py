@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from agent import loop as loop_module
 from agent.plan import Recycling
 from agent.sources import Waker
 from agent.wakeup import (
@@ -330,6 +331,32 @@ def test_a_mount_while_the_host_is_read_restarts_the_read_in_the_same_pass(
 
 
 
+def test_a_mount_as_the_read_ends_restarts_it_too(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last moment a pass reads over is after the host was read and before anything is
+    decided (the identities it records, the PVs it writes)."""
+    rig = Rig(tmp_path, resync_period=3600.0).start()
+    try:
+        rig.pass_()
+        real = loop_module.discover  # type: ignore[attr-defined]
+        woke: list[bool] = []
+
+        def discover(*args: Any, **kwargs: Any) -> Any:
+            if not woke:  # the host was read: a mount now
+                woke.append(True)
+                rig.host.add(CLASS, "late")
+                rig.loop.waker.wake("mount")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(loop_module, "discover", discover)
+        rig.loop.waker.wake("udev")
+        result = rig.pass_()
+        assert result.created_by_mode == {"Filesystem": 1} and rig.pv("late") is not None
+        assert rig.loop.waker.due() == INF
+    finally:
+        rig.close()
+
+
 def test_the_loop_serves_a_burst_during_a_pass_with_one_follow_up(tmp_path: Path) -> None:
     """The real run loop on the in-memory API: a wake-up starts a pass; 50 more while it is
     held make exactly one follow-up pass; then the loop waits."""
@@ -347,7 +374,7 @@ def test_the_loop_serves_a_burst_during_a_pass_with_one_follow_up(tmp_path: Path
             assert release.wait(10)
         return decide(*args)
 
-    rig.loop.recycler.decide = slow_decide  # type: ignore[method-assign]
+    rig.loop.recycler.decide = slow_decide  # type: ignore[method-assign,assignment]
     rig.host.add(CLASS, "a")
     loop = threading.Thread(target=rig.loop.run, name="reconcile")
     loop.start()
