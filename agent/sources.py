@@ -149,11 +149,12 @@ class MountTableSource(Source):
     With `dirs` (the discovery directories), a change wakes the loop only when it can matter
     to discovery (`MountFilter`): other mounts on the host cost one read of the table, never
     a pass. The flag re-arms in poll(2) itself; reading the table is only for the filter.
-    The reads are leading-edge, then held to READ_RATE a second (a `PassSchedule` of reads):
-    a lone mount, or a burst of a few, is read at once, while a host that never stops
-    mounting costs one read a second, serving every change since the one before, instead of
-    a read of the whole table (a kernel walk of every mount) per change. The price: a mount
-    in a discovery dir during such churn waits up to 1/READ_RATE seconds to be seen.
+    The reads are leading-edge, then held to READ_RATE a second (a `PassSchedule` of reads)
+    when they find nothing: a mount in a discovery dir, or a run of them, is read at once,
+    while a host that never stops mounting elsewhere costs one read a second, serving every
+    change since the one before, instead of a read of the whole table (a kernel walk of every
+    mount) per change. The price: a mount in a discovery dir during such churn waits up to
+    1/READ_RATE seconds to be seen.
     """
 
     name = "mount"
@@ -198,6 +199,7 @@ class MountTableSource(Source):
                 poller.poll(0)  # changes while waiting: the read below sees them
                 self.reads += 1
                 if table.changed(_read_all(f), self._watched_dirs()):
+                    reads.refund()  # only reads that find nothing are held to the rate
                     self.waker.wake(self.name)
                 else:
                     self.ignored += 1

@@ -66,6 +66,14 @@ class PassSchedule:
         self._tokens_at = now
         return self.restarted()
 
+    def refund(self) -> None:
+        """The pass (or read) just started found what it was for: its token is given back.
+        The rate is for starts that find nothing (churn elsewhere); a host whose every change
+        matters, one disk mounted after another, is never held to it."""
+        now = self.clock()
+        self._tokens = min(float(self.burst), self._available(now) + 1.0)
+        self._tokens_at = now
+
     def wants_now(self) -> bool:
         """A wake-up since the pass started says the host changed and wants a pass now (not
         one that settles first). A pass still reading the host then reads it over

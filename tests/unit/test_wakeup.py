@@ -282,6 +282,22 @@ def test_a_wake_up_that_wants_a_pass_now_restarts_the_running_pass_at_no_token()
     assert schedule.due() == pytest.approx(1001.0)  # the restart spent no token
 
 
+def test_a_start_that_found_what_it_was_for_gives_its_token_back() -> None:
+    clock = Clock()
+    schedule = PassSchedule(burst=2, rate=1.0, clock=clock)
+    for _ in range(10):  # every read finds a mount of interest: never held to the rate
+        schedule.woken("mount")
+        assert schedule.due() <= clock.now
+        schedule.started()
+        schedule.refund()
+        clock.now += 0.1
+    for _ in range(2):  # reads that find nothing spend the burst ...
+        schedule.woken("mount")
+        schedule.started()
+    schedule.woken("mount")
+    assert schedule.due() == pytest.approx(clock.now + 1.0)  # ... then wait for the rate
+
+
 def test_a_settling_wake_up_wants_its_pass_once_settled() -> None:
     clock = Clock()
     schedule = PassSchedule(settle={"inotify": 0.2}, clock=clock)
