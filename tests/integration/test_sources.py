@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -168,7 +169,7 @@ def test_a_burst_of_mounts_elsewhere_costs_a_few_reads_and_a_mount_inside_still_
         assert source.start()
         try:
             with disks(tmp_path) as d:
-                assert until(lambda: source.thread.is_alive(), 10)
+                assert until(source.thread.is_alive, 10)
                 started = time.monotonic()
                 for i in range(60):
                     d.tmpfs(elsewhere / f"pod-{i % 4}", size_mib=1)
@@ -231,5 +232,32 @@ def test_udev_interest_covers_the_devices_of_the_discovery_dirs(tmp_path: Path) 
             assert not interest.matters(numbers(other))  # a device discovery cannot see
             (disc / "gone").symlink_to("/dev/no-such-disk")  # a new device may complete it
             assert source.interest().matters(numbers(other))
+        source.close()
+
+    in_private_mount_namespace(scenario)
+
+
+def test_udev_interest_reads_the_mount_table_again_only_when_it_changed(tmp_path: Path) -> None:
+    """Every udev event asks what the discovery dirs hold; the mount table is read once, then
+    only after the kernel flags a change, and a mount made meanwhile is always seen."""
+    ok, why = can_make_disks()
+    require(ok, why)
+    disc = tmp_path / "disks"
+    disc.mkdir()
+
+    def scenario() -> None:
+        source = UdevSource(Waker(threading.Event()), threading.Event(),
+                            dirs=lambda: [str(disc)], mountinfo=MOUNTINFO)
+        with disks(tmp_path) as d:
+            first = source.interest()
+            for _ in range(20):
+                assert source.interest().devices == first.devices
+            assert source.table_reads == 1
+            device = d.loop("fs", fs="ext4")
+            d.mount(device, disc / "fs")
+            st = os.stat(device)
+            assert f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}" in source.interest().devices
+            assert source.table_reads == 2
+        source.close()
 
     in_private_mount_namespace(scenario)
