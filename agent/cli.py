@@ -7,6 +7,7 @@ unreadable discovery directory) end in one clear line and a non-zero exit, never
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -150,6 +151,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
         if args.port_file:
             Path(args.port_file).write_text(f"{server.port}\n")
 
+    # Everything built so far (modules, the API client, metrics) lives as long as the
+    # process: out of the collector's sight, a full collection no longer walks it all, which
+    # took up to 0.1 s in the middle of a pass.
+    gc.freeze()
     _run_until_stopped(reconciler)
     if server is not None:
         server.stop()
@@ -246,7 +251,8 @@ def _start_sources(reconciler: Reconciler, args: argparse.Namespace) -> None:
     sources = [
         UdevSource(waker, stop, receive_buffer=args.udev_buffer_size, dirs=wanted,
                    mountinfo=args.mountinfo),
-        MountTableSource(waker, stop, args.mountinfo, dirs=wanted),
+        MountTableSource(waker, stop, args.mountinfo, dirs=wanted,
+                         read_rate=args.mount_read_rate),
         InotifySource(waker, stop, lambda: [os.path.realpath(c.mount_dir)
                                             for c in reconciler.config.classes]),
     ]
@@ -542,6 +548,8 @@ def _parser() -> argparse.ArgumentParser:
     run_p.add_argument("--debounce", type=float, default=0.0, help=argparse.SUPPRESS)
     run_p.add_argument("--wake-filter", action=argparse.BooleanOptionalAction, default=True,
                        help=argparse.SUPPRESS)
+    # ... and the filter reading the mount table on every change (0: no rate)
+    run_p.add_argument("--mount-read-rate", type=float, default=None, help=argparse.SUPPRESS)
     run_p.add_argument("--api-concurrency", type=_positive_int, default=8, metavar="N",
                        help="PV writes of a pass sent to the API at once; 1 sends them one "
                             "after another (default: %(default)s)")

@@ -53,6 +53,10 @@ class HostTimeoutError(OSError):
         super().__init__(errno.ETIMEDOUT, what)
 
 
+class SnapshotInterrupted(Exception):  # noqa: N818 - a signal to start over, not an error
+    """A snapshot stopped reading entries: a newer wake-up asked for a fresh look at once."""
+
+
 class Doing:
     """What a bounded task is busy with, so a timeout can name the call that hung."""
 
@@ -100,11 +104,15 @@ class HostReader:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _disagreements: set[tuple[str, str, str]] = field(default_factory=set)
 
-    def snapshot(self, config: Config) -> HostSnapshot:
+    def snapshot(self, config: Config,
+                 interrupted: Callable[[], bool] | None = None) -> HostSnapshot:
         """Observe every class's discovery directory and the mount table, once.
 
         Raises HostTimeoutError when the mount table itself does not answer: without it no
         entry can be judged. A class directory or an entry that hangs is reported, not raised.
+        `interrupted`, asked before each entry is read: when it says so, the entries left are
+        not read and SnapshotInterrupted is raised (a snapshot older than a change just seen
+        would only need to be taken again).
         """
         listing_calls: dict[str, Callable[[Doing], object]] = {
             "mount-table": self._mount_table,
@@ -136,7 +144,9 @@ class HostReader:
                 wanted[cls.name] = [(n, os.path.join(real, n)) for n in names if cls.matches(n)]
         calls = {f"entry:{path}": functools.partial(self.entry, path, name, mounts_at)
                  for pairs in wanted.values() for name, path in pairs}
-        done = self._walk(calls)
+        done = self._walk(calls, interrupted)
+        if any(isinstance(outcome, SnapshotInterrupted) for outcome in done.values()):
+            raise SnapshotInterrupted
         entries = {cls: [_entry_outcome(name, path, done[f"entry:{path}"]) for name, path in pairs]
                    for cls, pairs in wanted.items()}
         return HostSnapshot(entries, mounts, real_dirs, dir_errors, sources)
@@ -226,7 +236,7 @@ class HostReader:
                 read = None  # the node is not here (a pod without the host's /dev): udev's word
         return EntryFacts(name, path, FileType.DIRECTORY, target=target, device=mount.device,
                           capacity_bytes=capacity,
-                          identity=self._identity(device, read, doing, mount.fs_type))
+                          identity=self._identity(device, read, doing, mount.fs_type, node))
 
     def _block(self, name: str, path: str, target: str | None, device: str,
                doing: Callable[[str], None]) -> EntryFacts:
@@ -279,7 +289,7 @@ class HostReader:
             return {}
         if read is None:
             return {}
-        return self._identity(device, read, doing, fs_type)
+        return self._identity(device, read, doing, fs_type, node)
 
     def _read_device(self, path: str, device: str, doing: Callable[[str], None],
                      loop: bool) -> DeviceRead | None:
@@ -308,12 +318,14 @@ class HostReader:
         return major == str(LOOP_MAJOR) or Path(self.sys_block, device, "loop").is_dir()
 
     def _identity(self, device: str, read: DeviceRead | None, doing: Callable[[str], None],
-                  fs_type: str | None = None) -> dict[str, str]:
+                  fs_type: str | None = None, node: str | None = None) -> dict[str, str]:
         """What identifies the disk behind a device number. The device's own bytes win over
-        udev's database, which can be stale (a disk reformatted while udev was not looking)."""
+        udev's database, which can be stale (a disk reformatted while udev was not looking).
+        `node`: the device's node, when the caller has just looked it up."""
         doing("reading udev data")
         props = self.udev_properties(device)
-        node = self.device_node(device)
+        if node is None:
+            node = self.device_node(device)
         by_id = self._links_to(node, "disk/by-id") if node else []
         udev_uuid = props.get("ID_FS_UUID", "")
         if not udev_uuid and node and read is None:
@@ -370,10 +382,12 @@ class HostReader:
             return []
         return sorted(names, key=lambda n: (not n.startswith("wwn-"), n))
 
-    def _walk(self, calls: Mapping[str, Callable[[Doing], T]]
+    def _walk(self, calls: Mapping[str, Callable[[Doing], T]],
+              interrupted: Callable[[], bool] | None = None
               ) -> dict[str, T | Hung | BaseException]:
-        """Run `calls` in order, each bounded by `timeout` (see `_Walk`)."""
-        return _Walk(self, calls).run()
+        """Run `calls` in order, each bounded by `timeout` (see `_Walk`); once `interrupted`
+        says so, the calls not started yet get SnapshotInterrupted instead."""
+        return _Walk(self, calls, interrupted).run()
 
 
 class _Walk(Generic[T]):
@@ -385,12 +399,16 @@ class _Walk(Generic[T]):
     `SLOW_AFTER` a new worker takes over the rest (the slow one exits when its call returns),
     and when it has been busy for `timeout` its key is marked hanging and its result is `Hung`.
     A hanging key is not started again, by this or a later run, until its thread returns: at
-    most one stuck thread per hung path, never a pile-up.
+    most one stuck thread per hung path, never a pile-up. Workers wake the caller only when
+    every call is answered; it wakes itself at the deadlines (each call's start is recorded):
+    a pass over a hundred disks would otherwise hand the GIL back and forth twice per disk.
     """
 
-    def __init__(self, reader: HostReader, calls: Mapping[str, Callable[[Doing], T]]) -> None:
+    def __init__(self, reader: HostReader, calls: Mapping[str, Callable[[Doing], T]],
+                 interrupted: Callable[[], bool] | None = None) -> None:
         self.reader = reader
         self.calls = calls
+        self.interrupted = interrupted
         self.keys = list(calls)
         self.results: dict[str, T | Hung | BaseException] = {}
         self.running: dict[str, tuple[float, Doing]] = {}  # key -> (started, what it does)
@@ -398,10 +416,6 @@ class _Walk(Generic[T]):
         self.cursor = 0
         self.cond = threading.Condition(reader._lock)  # the one lock that guards _hanging
         self.slow = min(SLOW_AFTER, reader.timeout)
-        # When the caller wakes next on its own: a worker wakes it only to say something it
-        # needs sooner (a call it must time from earlier, or the last result), not per entry,
-        # which for a thousand entries made the pass a thousand thread switches longer.
-        self.caller_wakes = 0.0
 
     def run(self) -> dict[str, T | Hung | BaseException]:
         timeout = self.reader.timeout
@@ -410,7 +424,7 @@ class _Walk(Generic[T]):
                 self._start_worker()
             while len(self.results) < len(self.keys):
                 now = time.monotonic()
-                wake = now + timeout
+                wake = now + self.slow  # a call may start meanwhile: look at it by then
                 for key, (began, doing) in list(self.running.items()):
                     if key in self.results:
                         continue  # given up on; its thread may still be stuck
@@ -422,7 +436,6 @@ class _Walk(Generic[T]):
                         continue
                     wake = min(wake, began + (timeout if key in self.handed_off else self.slow))
                 if len(self.results) < len(self.keys):
-                    self.caller_wakes = wake
                     self.cond.wait(max(0.0, wake - now) + 0.005)
         return self.results
 
@@ -438,21 +451,28 @@ class _Walk(Generic[T]):
     def _next(self) -> tuple[str, Doing] | None:
         """The next call to make (under the lock); calls still hanging are answered at once."""
         hanging = self.reader._hanging
+        if self.interrupted is not None and self.cursor < len(self.keys) and self.interrupted():
+            for key in self.keys[self.cursor:]:
+                self.results[key] = SnapshotInterrupted()
+            self.cursor = len(self.keys)
+            self._notify_when_done()
+            return None
         while self.cursor < len(self.keys):
             key = self.keys[self.cursor]
             self.cursor += 1
             stuck = hanging.get(key)
             if stuck is not None:
                 self.results[key] = Hung(stuck.what, self.reader.timeout, earlier=True)
-                self.cond.notify_all()
+                self._notify_when_done()
                 continue
             doing = Doing()
-            began = time.monotonic()
-            self.running[key] = (began, doing)
-            if began + self.slow < self.caller_wakes:  # it would time this call too late
-                self.cond.notify_all()
+            self.running[key] = (time.monotonic(), doing)  # the caller times the call from now
             return key, doing
         return None
+
+    def _notify_when_done(self) -> None:
+        if len(self.results) == len(self.keys):
+            self.cond.notify_all()
 
     def _work(self) -> None:
         while True:
@@ -473,8 +493,7 @@ class _Walk(Generic[T]):
                     del hanging[key]
                     log.info("host call on %s answered again (%s)", key, doing.what)
                 self.results.setdefault(key, outcome)
-                if len(self.results) == len(self.keys):  # the caller waits for no less
-                    self.cond.notify_all()
+                self._notify_when_done()
                 if key in self.handed_off:
                     return  # another worker carries on with the rest
 

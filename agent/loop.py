@@ -33,7 +33,7 @@ from agent.config import Config
 from agent.context import Context
 from agent.discovery import Discovery, HostSnapshot, HostView, VolumeState, discover
 from agent.events import EventRecorder
-from agent.host import HostReader
+from agent.host import HostReader, SnapshotInterrupted
 from agent.kube import PV, ApiError, Kube
 from agent.notices import Notice, Scope
 from agent.plan import Plan, Recycling, exclusion_notices, offered_all, plan
@@ -291,9 +291,16 @@ class Reconciler:
         started = time.monotonic()
         woken_at = self.waker.take_first_wake()
         self.recycler.collect()
-        cached = self.cache.snapshot()
-        ours = {n: pv for n, pv in cached.items() if pvs.is_this_nodes(pv, self.node)}
-        snapshot, found, states = self._observe(ours)
+        try:
+            cached, ours, (snapshot, found, states) = self._look(self.waker.wants_pass_now)
+        except SnapshotInterrupted:
+            # A mount or an entry changed while the host was read: nothing is decided yet, so
+            # read it all over now rather than act on a stale look and make a second pass due
+            # (once: a host that never stops changing still gets its passes).
+            again = self.waker.take_first_wake(restart=True)
+            woken_at = again if woken_at is None else min(woken_at, again or woken_at)
+            log.debug("pass restarted: a wake-up arrived while the host was read")
+            cached, ours, (snapshot, found, states) = self._look(None)
         volumes = {v.host_path: v for v in found.volumes}
         errors = self.recycler.guard.record_identities(ours, states, volumes)
         recycling = self.recycler.decide(ours, states, volumes)
@@ -345,10 +352,25 @@ class Reconciler:
                  "removed" if removed else "was not there")
         return 0
 
-    def _observe(self, ours: Mapping[str, PV]) -> tuple[
-            HostSnapshot, Discovery, dict[str, tuple[VolumeState, Mapping[str, str]]]]:
-        """The host now, and for each of this node's PVs whether its disk is there."""
-        snapshot = self.reader.snapshot(self.config)
+    def _look(self, interrupted: Callable[[], bool] | None) -> tuple[
+            dict[str, PV], dict[str, PV],
+            tuple[HostSnapshot, Discovery, dict[str, tuple[VolumeState, Mapping[str, str]]]]]:
+        """The PVs cached (all, and this node's) and what `_observe` sees of the host;
+        SnapshotInterrupted when `interrupted` says so before it is all read (then nothing
+        was decided yet)."""
+        cached = self.cache.snapshot()
+        ours = {n: pv for n, pv in cached.items() if pvs.is_this_nodes(pv, self.node)}
+        observed = self._observe(ours, interrupted)
+        if interrupted is not None and interrupted():
+            raise SnapshotInterrupted
+        return cached, ours, observed
+
+    def _observe(self, ours: Mapping[str, PV], interrupted: Callable[[], bool] | None = None
+                 ) -> tuple[HostSnapshot, Discovery,
+                            dict[str, tuple[VolumeState, Mapping[str, str]]]]:
+        """The host now, and for each of this node's PVs whether its disk is there; raises
+        SnapshotInterrupted when `interrupted` says so before the host was read."""
+        snapshot = self.reader.snapshot(self.config, interrupted)
         keep = frozenset(p for p in map(pvs.local_path, ours.values()) if p)
         found = discover(self.config, snapshot, keep, self.recycler.dirty_paths())
         view = HostView(self.config, snapshot, found)

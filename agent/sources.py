@@ -89,14 +89,23 @@ class Waker:
                 self.schedule.woken()
             return self.schedule.due()
 
-    def take_first_wake(self) -> float | None:
-        """A pass starts: it serves every wake-up so far (later ones make another pass due).
-        Returns when the oldest source wake-up it serves arrived, for the latency metric."""
+    def take_first_wake(self, restart: bool = False) -> float | None:
+        """A pass starts (`restart`: starts reading the host over): it serves every wake-up so
+        far (later ones make another pass due). Returns when the oldest source wake-up it
+        serves arrived, for the latency metric."""
         with self._lock:
             self.event.clear()
-            self.schedule.started()
+            if restart:
+                self.schedule.restarted()
+            else:
+                self.schedule.started()
             first, self.first_wake = self.first_wake, None
             return first
+
+    def wants_pass_now(self) -> bool:
+        """A wake-up since the pass started wants a pass at once (PassSchedule.wants_now)."""
+        with self._lock:
+            return self.schedule.wants_now()
 
 
 class Source:
@@ -140,18 +149,29 @@ class MountTableSource(Source):
     With `dirs` (the discovery directories), a change wakes the loop only when it can matter
     to discovery (`MountFilter`): other mounts on the host cost one read of the table, never
     a pass. The flag re-arms in poll(2) itself; reading the table is only for the filter.
+    The reads are leading-edge, then held to READ_RATE a second (a `PassSchedule` of reads)
+    when they find nothing: a mount in a discovery dir, or a run of them, is read at once,
+    while a host that never stops mounting elsewhere costs one read a second, serving every
+    change since the one before, instead of a read of the whole table (a kernel walk of every
+    mount) per change. The price: a mount in a discovery dir during such churn waits up to
+    1/READ_RATE seconds to be seen.
     """
 
     name = "mount"
     RESOLVE_EVERY = 30.0  # seconds a resolved discovery directory (realpath) is trusted
+    READ_BURST = 5  # table reads at once after a quiet spell ...
+    READ_RATE = 1.0  # ... then this many a second while changes keep coming
 
     def __init__(self, waker: Waker, stop: threading.Event,
                  mountinfo: str = "/proc/self/mountinfo",
-                 dirs: Callable[[], Iterable[str]] | None = None) -> None:
+                 dirs: Callable[[], Iterable[str]] | None = None,
+                 read_rate: float | None = None) -> None:
         super().__init__(waker, stop)
         self.mountinfo = mountinfo
         self.dirs = dirs
+        self.read_rate = self.READ_RATE if read_rate is None else read_rate  # 0: every change
         self.ignored = 0  # changes the filter found irrelevant (tests, benchmarks)
+        self.reads = 0  # reads of the table for the filter (tests)
         self._resolved: tuple[tuple[str, ...], float, tuple[str, ...]] = ((), -1e9, ())
 
     def available(self) -> bool:
@@ -159,6 +179,7 @@ class MountTableSource(Source):
 
     def run(self) -> None:
         table = MountFilter()
+        reads = PassSchedule(burst=self.READ_BURST, rate=self.read_rate)
         with open(self.mountinfo, "rb", buffering=0) as f:
             poller = select.poll()
             poller.register(f.fileno(), select.POLLPRI | select.POLLERR)
@@ -168,7 +189,17 @@ class MountTableSource(Source):
             while not self.stop.is_set():
                 if not poller.poll(1000):
                     continue
-                if self.dirs is None or table.changed(_read_all(f), self._watched_dirs()):
+                if self.dirs is None:  # no filter: every change wakes, nothing is read
+                    self.waker.wake(self.name)
+                    continue
+                reads.woken()
+                if self.stop.wait(max(0.0, reads.due() - time.monotonic())):
+                    return
+                reads.started()
+                poller.poll(0)  # changes while waiting: the read below sees them
+                self.reads += 1
+                if table.changed(_read_all(f), self._watched_dirs()):
+                    reads.refund()  # only reads that find nothing are held to the rate
                     self.waker.wake(self.name)
                 else:
                     self.ignored += 1

@@ -13,6 +13,7 @@ udev has updated its links): a kubelet attaching a cloud volume to a pod costs n
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import select
@@ -43,7 +44,13 @@ class UdevSource(Source):
         self.dirs = dirs
         self.mountinfo = mountinfo
         self.ignored = 0  # events about devices discovery cannot see
+        self.table_reads = 0  # reads of the mount table for `interest` (tests)
         self.why_unavailable = ""
+        # The mounts in the discovery dirs, kept while the kernel flags no change of the mount
+        # table (POLLPRI on an open mountinfo): reading the whole table for every udev event
+        # of every disk of the host was most of an idle agent's cost on a busy host.
+        self._table: tuple[select.poll, io.FileIO] | None = None  # for the source's life
+        self._mounted: tuple[list[str], list[tuple[str, str]]] | None = None
 
     def available(self) -> bool:
         try:
@@ -63,6 +70,12 @@ class UdevSource(Source):
         if self.receive_buffer:
             monitor.set_receive_buffer_size(self.receive_buffer)
         monitor.start()
+        try:
+            self._follow(monitor)
+        finally:
+            self.close()
+
+    def _follow(self, monitor: Any) -> None:
         while not self.stop.is_set():
             ready, _, _ = select.select([monitor.fileno()], [], [], 1.0)
             if not ready:
@@ -90,8 +103,7 @@ class UdevSource(Source):
         the mount table; a mounted entry is never stat'ed (its filesystem may hang)."""
         assert self.dirs is not None
         dirs = sorted({os.path.realpath(d) for d in self.dirs()})
-        with open(self.mountinfo, "rb") as f:
-            mounted = mounts_within(f.read(), dirs)
+        mounted = self._mounts_within(dirs)
         devices = {dev for dev, _ in mounted}
         devices.update(n for _, source in mounted
                        if source.startswith("/") and (n := _block_number(source)))
@@ -113,6 +125,26 @@ class UdevSource(Source):
                     devices.update([n] if (n := _block_number(entry.path)) else [])
         devices.update([disk for d in list(devices) if (disk := self._disk_of(d))])
         return DeviceInterest(devices, everything)
+
+    def _mounts_within(self, dirs: list[str]) -> list[tuple[str, str]]:
+        """`mounts_within` the current mount table, read again only when it changed."""
+        if self._table is None:
+            f = open(self.mountinfo, "rb", buffering=0)  # noqa: SIM115 - kept open: the flag
+            poller = select.poll()
+            poller.register(f.fileno(), select.POLLPRI | select.POLLERR)
+            self._table, self._mounted = (poller, f), None
+        poller, f = self._table
+        if poller.poll(0) or self._mounted is None or self._mounted[0] != dirs:
+            f.seek(0)  # the flag is consumed first: a change from now on raises it again
+            self.table_reads += 1
+            self._mounted = (dirs, mounts_within(f.read(), dirs))
+        return self._mounted[1]
+
+    def close(self) -> None:
+        """Close the mount table kept open by `interest` (read afresh if asked again)."""
+        if self._table is not None:
+            self._table[1].close()
+            self._table = None
 
     def _disk_of(self, number: str) -> str | None:
         """The whole disk of a partition (from sysfs), so that both sides of a

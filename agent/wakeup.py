@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from agent.discovery import SYSTEM_MOUNT_POINTS
 
 INF = float("inf")
+HOST_SOURCES = frozenset({"mount", "udev", "inotify"})  # the wake-ups that say the host changed
 
 
 class PassSchedule:
@@ -41,6 +42,7 @@ class PassSchedule:
         self.clock = clock
         self.pending_since: float | None = None  # the oldest wake-up no pass has served
         self._wanted_at = INF  # when the wake-ups so far want their pass
+        self._host_wanted_at = INF  # the same, of the wake-ups that say the host changed
         self._tokens = float(self.burst)
         self._tokens_at = clock()
 
@@ -51,8 +53,10 @@ class PassSchedule:
         now = self.clock()
         if self.pending_since is None:
             self.pending_since = now
-        self._wanted_at = min(self._wanted_at,
-                              now + max(self.debounce, self.settle.get(source, 0.0)))
+        wanted = now + max(self.debounce, self.settle.get(source, 0.0))
+        self._wanted_at = min(self._wanted_at, wanted)
+        if source in HOST_SOURCES:
+            self._host_wanted_at = min(self._host_wanted_at, wanted)
 
     def started(self) -> float | None:
         """A pass starts reading the host now: it serves every wake-up so far. Returns when
@@ -60,7 +64,28 @@ class PassSchedule:
         now = self.clock()
         self._tokens = max(0.0, self._available(now) - 1.0)
         self._tokens_at = now
-        since, self.pending_since, self._wanted_at = self.pending_since, None, INF
+        return self.restarted()
+
+    def refund(self) -> None:
+        """The pass (or read) just started found what it was for: its token is given back.
+        The rate is for starts that find nothing (churn elsewhere); a host whose every change
+        matters, one disk mounted after another, is never held to it."""
+        now = self.clock()
+        self._tokens = min(float(self.burst), self._available(now) + 1.0)
+        self._tokens_at = now
+
+    def wants_now(self) -> bool:
+        """A wake-up since the pass started says the host changed and wants a pass now (not
+        one that settles first). A pass still reading the host then reads it over
+        (`restarted`) instead of finishing a look already out of date and making a second
+        pass due. A PV's change (the watch) does not make what was read of the host stale."""
+        return self._host_wanted_at <= self.clock()
+
+    def restarted(self) -> float | None:
+        """The running pass reads the host again from the start: it serves every wake-up so
+        far, at no token (it is the same pass). Returns when the oldest of them arrived."""
+        since, self.pending_since = self.pending_since, None
+        self._wanted_at = self._host_wanted_at = INF
         return since
 
     def due(self) -> float:
@@ -103,6 +128,7 @@ class MountFilter:
     """
 
     def __init__(self) -> None:
+        self._table = b""
         self._lines: frozenset[bytes] | None = None
         self._dirs: tuple[str, ...] = ()
         self._exact: frozenset[bytes] = frozenset()
@@ -111,10 +137,13 @@ class MountFilter:
     def changed(self, table: bytes, dirs: Iterable[str]) -> bool:
         """Remember `table` (mountinfo's bytes); True when it matters to discovery. The first
         table is the baseline (False); new directories always matter."""
-        lines = frozenset(table.split(b"\n"))
-        previous, self._lines = self._lines, lines
         wanted = tuple(sorted(set(dirs)))
         new_dirs = wanted != self._dirs
+        if table == self._table and not new_dirs and self._lines is not None:
+            return False  # changed and changed back between two reads (one memcmp)
+        self._table = table
+        lines = frozenset(table.split(b"\n"))
+        previous, self._lines = self._lines, lines
         if new_dirs:
             self._set_dirs(wanted)
         if previous is None:

@@ -14,7 +14,9 @@ bytes read (/proc/PID/io rchar) per minute, its passes and mount wake-ups, while
 happens and while the benchmark mounts and unmounts `--churn` tmpfs a second outside the
 discovery dir; with the mount-table filter, without it, and the former design.
 
-Needs root and the control plane binaries. Prints tables, writes JSON; never passes or fails.
+Runs in a mount namespace of its own (`--shared-mounts`: the machine's), so that what else
+mounts on the machine is not measured. Needs root and the control plane binaries. Prints tables,
+writes JSON; never passes or fails.
 
     .venv/bin/python benchmarks/discovery_latency.py [--trials 100] [--modes events,debounce]
         [--parts latency,bulk,idle] [--bulk 1,10,100,1000] [--idle-seconds 60] [--churn 10]
@@ -62,6 +64,8 @@ MODES: dict[str, tuple[str, ...]] = {
 IDLE_CASES: list[tuple[str, tuple[str, ...], bool]] = [  # label, agent flags, churn
     ("events, quiet host", (), False),
     ("events, churn", (), True),
+    ("events, the filter reading the table on every change (before), churn",
+     ("--mount-read-rate", "0"), True),
     ("events without the wake-up filter, churn", ("--no-wake-filter",), True),
     ("former design (debounce 0.2 s, no filter), churn", MODES["debounce"], True),
 ]
@@ -70,6 +74,17 @@ REQUESTS = re.compile(
 PASSES = re.compile(r"^localpv_agent_discovery_pass_duration_seconds_count ([0-9.e+]+)$", re.M)
 WAKEUPS = re.compile(r'^localpv_agent_wakeups_total\{source="([\w-]+)"\} ([0-9.e+]+)$', re.M)
 LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
+CLONE_NEWNS, MS_REC, MS_PRIVATE = 0x00020000, 0x4000, 1 << 18
+
+
+def private_mounts() -> None:
+    """This process's own mount namespace, which the control plane and the agents inherit:
+    the mounts of whatever else runs on the machine (other tests, other benchmarks) do not
+    reach the agents measured, and the ones made here do not leave. Called while the process
+    has one thread."""
+    if LIBC.unshare(CLONE_NEWNS) != 0 or \
+            LIBC.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        raise OSError(ctypes.get_errno(), "a private mount namespace")
 
 
 class PVWatch:
@@ -314,9 +329,13 @@ def main() -> int:
     parser.add_argument("--idle-seconds", type=float, default=60.0)
     parser.add_argument("--churn", type=float, default=10.0,
                         help="unrelated tmpfs mounts (each unmounted again) a second")
+    parser.add_argument("--shared-mounts", action="store_true",
+                        help="run in the machine's mount namespace, seeing its other mounts")
     parser.add_argument("--json", default="benchmarks/results/discovery_latency.json")
     args = parser.parse_args()
     parts, modes = args.parts.split(","), args.modes.split(",")
+    if not args.shared_mounts:
+        private_mounts()
     work = Path(tempfile.mkdtemp(prefix="localpv-latency."))
     cluster = ControlPlane(work / "cluster", build_binaries())
     report: dict[str, object] = {"command": " ".join(sys.argv), "trials": args.trials,

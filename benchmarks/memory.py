@@ -51,6 +51,7 @@ REPO = Path(__file__).resolve().parent.parent
 MODES = ("previous", "kubeconfig", "in-cluster")
 STEADY_SECONDS = 20.0
 RESYNC_SECONDS = 2.0
+CYCLE_POLL = 0.02  # seconds between looks at the PVs in a cycle: 10,000 cycles in minutes
 PREVIOUS = ("import kubernetes\nfrom kubernetes import client\n"
             "client.CoreV1Api, client.StorageV1Api, client.BatchV1Api\n")
 RUN_MODULES = ("agent.cli", "agent.loop", "agent.metrics", "agent.sources", "agent.udev",
@@ -155,12 +156,16 @@ def cycles(agent: ModeAgent, cluster: ControlPlane, proc: psutil.Process, mount_
         sh("mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(target))
         pv = wait_for(lambda: [p for p in node_pvs(cluster) if p["spec"]["local"]["path"]
                                .endswith("/vol-cycle")], 60, "the cycle's PV",
-                      on_timeout=agent.log)[0]
+                      on_timeout=agent.log, interval=CYCLE_POLL)[0]
         sh("umount", str(target))
         cluster.api("DELETE", f"/api/v1/persistentvolumes/{pv['metadata']['name']}")
-        wait_for(lambda: len(node_pvs(cluster)) == VOLUMES, 60, "the cycle's PV gone")
+        wait_for(lambda: len(node_pvs(cluster)) == VOLUMES, 60, "the cycle's PV gone",
+                 interval=CYCLE_POLL)
         if i + 1 == warm:
             after_warmup = rss(proc)
+        if (i + 1) % 500 == 0:  # progress, and the curve if the run is cut short
+            print(f"cycle {i + 1}: RSS {rss(proc):.2f} MiB, {time.monotonic() - started:.0f}s",
+                  file=sys.stderr, flush=True)
     time.sleep(RESYNC_SECONDS * 2)
     end = rss(proc)
     return {"mode": agent.mode, "cycles": count, "warmup_cycles": warm,

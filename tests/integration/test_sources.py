@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -152,6 +153,42 @@ def test_mounts_outside_the_discovery_dir_cost_no_pass(tmp_path: Path) -> None:
     assert (passes, wakes) == (1, 1)
 
 
+def test_a_burst_of_mounts_elsewhere_costs_a_few_reads_and_a_mount_inside_still_wakes(
+        tmp_path: Path) -> None:
+    """60 tmpfs mounts and unmounts elsewhere as fast as they go: the table is read at most
+    the burst plus the rate's worth, not once per change; a mount in the discovery dir right
+    after still wakes the loop."""
+    ok, why = can_make_disks()
+    require(ok, why)
+    disc, elsewhere = tmp_path / "disks", tmp_path / "elsewhere"
+    disc.mkdir()
+    waker, stop = Waker(threading.Event()), threading.Event()
+
+    def scenario() -> tuple[int, float, int]:
+        source = MountTableSource(waker, stop, MOUNTINFO, dirs=lambda: [str(disc)])
+        assert source.start()
+        try:
+            with disks(tmp_path) as d:
+                assert until(source.thread.is_alive, 10)
+                started = time.monotonic()
+                for i in range(60):
+                    d.tmpfs(elsewhere / f"pod-{i % 4}", size_mib=1)
+                    d.cleanup()
+                took = time.monotonic() - started
+                assert until(lambda: source.ignored >= 1, 30), "the churn was never seen"
+                reads = source.reads
+                d.tmpfs(disc / "vol", size_mib=1)
+                assert until(lambda: waker.wakeups["mount"] >= 1, 30), "the mount inside"
+                return reads, took, waker.wakeups["mount"]
+        finally:
+            stop.set()
+
+    reads, took, wakes = in_private_mount_namespace(scenario)
+    bound = MountTableSource.READ_BURST + MountTableSource.READ_RATE * (took + 1.0) + 1
+    assert reads <= bound, (reads, took)
+    assert wakes == 1
+
+
 def test_without_the_filter_every_mount_change_wakes(tmp_path: Path) -> None:
     """The benchmark's baseline (--no-wake-filter): a mount anywhere wakes the loop."""
     ok, why = can_make_disks()
@@ -195,5 +232,32 @@ def test_udev_interest_covers_the_devices_of_the_discovery_dirs(tmp_path: Path) 
             assert not interest.matters(numbers(other))  # a device discovery cannot see
             (disc / "gone").symlink_to("/dev/no-such-disk")  # a new device may complete it
             assert source.interest().matters(numbers(other))
+        source.close()
+
+    in_private_mount_namespace(scenario)
+
+
+def test_udev_interest_reads_the_mount_table_again_only_when_it_changed(tmp_path: Path) -> None:
+    """Every udev event asks what the discovery dirs hold; the mount table is read once, then
+    only after the kernel flags a change, and a mount made meanwhile is always seen."""
+    ok, why = can_make_disks()
+    require(ok, why)
+    disc = tmp_path / "disks"
+    disc.mkdir()
+
+    def scenario() -> None:
+        source = UdevSource(Waker(threading.Event()), threading.Event(),
+                            dirs=lambda: [str(disc)], mountinfo=MOUNTINFO)
+        with disks(tmp_path) as d:
+            first = source.interest()
+            for _ in range(20):
+                assert source.interest().devices == first.devices
+            assert source.table_reads == 1
+            device = d.loop("fs", fs="ext4")
+            d.mount(device, disc / "fs")
+            st = os.stat(device)
+            assert f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}" in source.interest().devices
+            assert source.table_reads == 2
+        source.close()
 
     in_private_mount_namespace(scenario)

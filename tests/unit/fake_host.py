@@ -9,10 +9,12 @@ can be swapped (same path, another identity) or removed between passes.
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent.config import Config
 from agent.discovery import EntryFacts, FileType, HostSnapshot, Mount
+from agent.host import SnapshotInterrupted
 
 GiB = 1 << 30
 
@@ -30,6 +32,9 @@ class FakeHost:
     entries: dict[str, dict[str, Disk]] = field(default_factory=dict)  # class -> entry -> disk
     block: set[str] = field(default_factory=set)  # entries that are raw block devices
     snapshots: int = 0
+    interrupted: int = 0  # snapshots given up because a wake-up wanted a fresh look
+    # called during each snapshot, before its entries are read (a mount arriving meanwhile)
+    while_reading: Callable[[], None] | None = None
     _minor: int = 0
 
     def add(self, class_name: str, entry: str, fs_uuid: str | None = None,
@@ -47,8 +52,14 @@ class FakeHost:
     def unmount(self, class_name: str, entry: str) -> None:
         self.entries[class_name][entry].mounted = False
 
-    def snapshot(self, config: Config) -> HostSnapshot:
+    def snapshot(self, config: Config,
+                 interrupted: Callable[[], bool] | None = None) -> HostSnapshot:
         self.snapshots += 1
+        if self.while_reading is not None:
+            self.while_reading()
+        if interrupted is not None and interrupted():
+            self.interrupted += 1
+            raise SnapshotInterrupted
         facts: dict[str, list[EntryFacts]] = {}
         mounts = [Mount(1, 0, "8:1", "/", "/", "ext4", "/dev/sda1")]
         for cls in config.classes:

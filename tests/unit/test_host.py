@@ -15,7 +15,14 @@ import pytest
 
 from agent.config import parse_config
 from agent.discovery import FileType, Reason, discover
-from agent.host import LOOP_INFO64, HostReader, HostTimeoutError, compose_identity, loop_backing
+from agent.host import (
+    LOOP_INFO64,
+    HostReader,
+    HostTimeoutError,
+    SnapshotInterrupted,
+    compose_identity,
+    loop_backing,
+)
 
 
 def fixture_disks(tmp_path: Path, lines: dict[str, str]) -> tuple[Path, Path]:
@@ -68,6 +75,24 @@ def test_hanging_statvfs_excludes_only_that_entry(tmp_path: Path) -> None:
     assert first < 5 and second < 0.2
     assert [e.timed_out for e in again.entries["sc"]] == [False, True]
     assert "has not answered since an earlier pass" in (again.entries["sc"][1].error or "")
+
+
+def test_an_interrupted_snapshot_reads_no_entry_after_the_interruption(tmp_path: Path) -> None:
+    disks, mountinfo = fixture_disks(tmp_path, {"a": "tmpfs", "b": "tmpfs", "c": "tmpfs"})
+    measured: list[str] = []
+
+    def capacity(path: str) -> int:
+        measured.append(os.path.basename(path))
+        return 1 << 30
+
+    reader = HostReader(mountinfo=str(mountinfo), timeout=1.0, capacity_of=capacity)
+    config = one_class(disks)
+    with pytest.raises(SnapshotInterrupted):
+        reader.snapshot(config, lambda: bool(measured))  # type: ignore[arg-type]
+    assert measured == ["a"]
+    measured.clear()
+    snapshot = reader.snapshot(config, lambda: False)  # type: ignore[arg-type]
+    assert measured == ["a", "b", "c"] and len(snapshot.entries["sc"]) == 3
 
 
 def test_a_hung_entry_hands_the_rest_of_the_pass_to_a_new_worker(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from agent.events import EventRecorder
 from agent.kube import ApiError
 from agent.notices import Notice, Once, Reason, Scope
 from agent.pv import CleaningRecord, CleaningState
-from agent.pvcache import PVCache, PVWatcher
+from agent.pvcache import GONE_KEPT, PVCache, PVWatcher
 from agent.volumes import NodeInfo
 from devkit.fake_kube import FakeKube
 from tests.unit.rig import CLASS, NODE, Rig, eventually
@@ -145,6 +145,24 @@ def test_a_deleted_pv_never_comes_back_from_a_late_response_or_event() -> None:
     cache.put(fresh)  # the same name, a new object: kept
     cache.apply("DELETED", old)  # a late event about the old one removes nothing
     assert cache.get("p") == fresh
+
+
+def test_a_response_overtaken_by_its_deleted_event_does_not_bring_the_pv_back() -> None:
+    """Seen over thousands of mount/unmount cycles: the agent's create response was put in
+    the cache after the watch had delivered the PV's deletion (by someone else); the cache
+    then held a PV that did not exist, and the disk got none until the next relist."""
+    cache = PVCache()
+    first = {"metadata": {"name": "p", "uid": "u1", "resourceVersion": "10"}}
+    cache.apply("DELETED", {"metadata": {**first["metadata"], "resourceVersion": "11"}})
+    cache.put(first)  # the create's response, late
+    assert cache.get("p") is None
+    second = {"metadata": {"name": "p", "uid": "u2", "resourceVersion": "12"}}
+    cache.put(second)  # a new object of the same name is welcome
+    cache.apply("DELETED", first)  # a late event about the old one leaves the new one
+    assert cache.get("p") == second
+    for i in range(GONE_KEPT + 10):  # what is remembered stays bounded
+        cache.apply("DELETED", {"metadata": {"name": f"x{i}", "uid": f"x{i}"}})
+    assert len(cache._deleted) == GONE_KEPT
 
 
 # -- Events ------------------------------------------------------------------------------------
@@ -349,7 +367,7 @@ def test_a_crashing_or_host_failing_pass_is_retried(rig: Rig, monkeypatch: pytes
     rig.host.add(CLASS, "a")
     calls = []
 
-    def broken(config: object) -> None:
+    def broken(config: object, interrupted: object = None) -> None:
         calls.append(1)
         if len(calls) == 1:
             raise OSError(5, "Input/output error")

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
-from agent.config import Config
-from agent.discovery import HostSnapshot
+import pytest
+
+from agent import loop as loop_module
+from agent.plan import Recycling
 from agent.sources import Waker
 from agent.wakeup import (
     INF,
@@ -261,7 +264,113 @@ def test_a_new_entry_settles_before_its_pass_unless_a_mount_asks_for_one_now() -
     assert schedule.due() == INF
 
 
+def test_a_wake_up_that_wants_a_pass_now_restarts_the_running_pass_at_no_token() -> None:
+    clock = Clock()
+    schedule = PassSchedule(burst=1, rate=1.0, settle={"inotify": 0.2}, clock=clock)
+    schedule.woken("mount")
+    schedule.started()  # the only token of the burst
+    assert not schedule.wants_now()  # nothing new since the pass started
+    schedule.woken("inotify")  # a new entry settles first: not a reason to read over
+    schedule.woken("pv-modified")  # a PV changed: what was read of the host is still right
+    assert not schedule.wants_now()
+    clock.now += 0.01
+    schedule.woken("mount")  # a mount wants its pass now
+    assert schedule.wants_now()
+    assert schedule.restarted() == clock.now - 0.01  # serves both, the oldest first
+    assert not schedule.wants_now() and schedule.due() == INF
+    schedule.woken("mount")  # after the restart: a follow-up, held to the rate as before
+    assert schedule.due() == pytest.approx(1001.0)  # the restart spent no token
+
+
+def test_a_start_that_found_what_it_was_for_gives_its_token_back() -> None:
+    clock = Clock()
+    schedule = PassSchedule(burst=2, rate=1.0, clock=clock)
+    for _ in range(10):  # every read finds a mount of interest: never held to the rate
+        schedule.woken("mount")
+        assert schedule.due() <= clock.now
+        schedule.started()
+        schedule.refund()
+        clock.now += 0.1
+    for _ in range(2):  # reads that find nothing spend the burst ...
+        schedule.woken("mount")
+        schedule.started()
+    schedule.woken("mount")
+    assert schedule.due() == pytest.approx(clock.now + 1.0)  # ... then wait for the rate
+
+
+def test_a_settling_wake_up_wants_its_pass_once_settled() -> None:
+    clock = Clock()
+    schedule = PassSchedule(settle={"inotify": 0.2}, clock=clock)
+    schedule.started()
+    schedule.woken("inotify")
+    assert not schedule.wants_now()
+    clock.now += 0.2
+    assert schedule.wants_now()
+
+
 # -- the loop ----------------------------------------------------------------------------------
+
+
+def test_a_mount_while_the_host_is_read_restarts_the_read_in_the_same_pass(
+        tmp_path: Path) -> None:
+    """A pass reading the host when a mount arrives reads it over at once (before deciding
+    anything), so the new disk gets its PV in this pass, not in a follow-up one."""
+    rig = Rig(tmp_path, resync_period=3600.0).start()
+    try:
+        rig.host.add(CLASS, "a")
+        rig.pass_()
+
+        def mount_b() -> None:
+            if rig.host.snapshots == 2:  # the second pass, while it reads the host
+                rig.host.add(CLASS, "b")
+                rig.loop.waker.wake("mount")
+
+        rig.host.while_reading = mount_b
+        rig.loop.waker.wake("inotify")
+        result = rig.pass_()
+        assert rig.pv("b") is not None and result.created_by_mode == {"Filesystem": 1}
+        assert (rig.host.snapshots, rig.host.interrupted) == (3, 1)
+        assert rig.loop.waker.due() == INF  # the restart served the mount: no follow-up due
+        assert result.woken_at is not None  # the latency counts from the first wake-up
+
+        def mount_more() -> None:  # a host that never stops changing: read over once only
+            rig.host.add(CLASS, f"c{rig.host.snapshots}")
+            rig.loop.waker.wake("mount")
+
+        rig.host.while_reading = mount_more
+        rig.pass_()
+        assert (rig.host.snapshots, rig.host.interrupted) == (5, 2)
+        assert rig.loop.waker.due() < INF  # the mount during the second read: a follow-up
+    finally:
+        rig.close()
+
+
+
+
+def test_a_mount_as_the_read_ends_restarts_it_too(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last moment a pass reads over is after the host was read and before anything is
+    decided (the identities it records, the PVs it writes)."""
+    rig = Rig(tmp_path, resync_period=3600.0).start()
+    try:
+        rig.pass_()
+        real = loop_module.discover  # type: ignore[attr-defined]
+        woke: list[bool] = []
+
+        def discover(*args: Any, **kwargs: Any) -> Any:
+            if not woke:  # the host was read: a mount now
+                woke.append(True)
+                rig.host.add(CLASS, "late")
+                rig.loop.waker.wake("mount")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(loop_module, "discover", discover)
+        rig.loop.waker.wake("udev")
+        result = rig.pass_()
+        assert result.created_by_mode == {"Filesystem": 1} and rig.pv("late") is not None
+        assert rig.loop.waker.due() == INF
+    finally:
+        rig.close()
 
 
 def test_the_loop_serves_a_burst_during_a_pass_with_one_follow_up(tmp_path: Path) -> None:
@@ -270,15 +379,18 @@ def test_the_loop_serves_a_burst_during_a_pass_with_one_follow_up(tmp_path: Path
     rig = Rig(tmp_path, resync_period=3600.0)
     rig.kube.watch_timeout = 0.05
     reading, release = threading.Event(), threading.Event()
-    snapshot = rig.host.snapshot
+    decide = rig.loop.recycler.decide
+    held = [False]
 
-    def slow_snapshot(config: Config) -> HostSnapshot:
-        if rig.host.snapshots == 1:  # the second pass: hold it while the burst arrives
+    def slow_decide(*args: Any) -> Recycling:
+        # after the host was read: wake-ups now make a follow-up, not a second read
+        if rig.loop.state.passes == 1 and not held[0]:  # the second pass: hold it
+            held[0] = True
             reading.set()
             assert release.wait(10)
-        return snapshot(config)
+        return decide(*args)
 
-    rig.host.snapshot = slow_snapshot  # type: ignore[method-assign]
+    rig.loop.recycler.decide = slow_decide  # type: ignore[method-assign,assignment]
     rig.host.add(CLASS, "a")
     loop = threading.Thread(target=rig.loop.run, name="reconcile")
     loop.start()
@@ -288,7 +400,7 @@ def test_the_loop_serves_a_burst_during_a_pass_with_one_follow_up(tmp_path: Path
         passes = rig.loop.state.passes
         rig.loop.waker.wake("mount")
         assert reading.wait(10), "a wake-up did not start a pass"
-        rig.host.add(CLASS, "b")  # the held pass has read nothing yet: it sees b
+        rig.host.add(CLASS, "b")  # the held pass read the host already: the follow-up sees b
         for _ in range(50):
             rig.loop.waker.wake("udev")
         release.set()
