@@ -43,6 +43,7 @@ from devkit.agents import NO_JITTER, build_binaries, install_agent, wait_for
 from devkit.controlplane import ControlPlane
 from devkit.disks import Disks
 from devkit.fleet import AuditLog, Fleet, apiserver_requests, per_bin
+from devkit.report import table
 
 RESYNC = "300"  # the default minResyncPeriod (5m), as a DaemonSet runs it
 GRACE = 5.0  # seconds from SIGTERM to SIGKILL: it stopped listening and serving long before
@@ -151,13 +152,6 @@ def storm(cluster: ControlPlane, fleet: Fleet, audit: AuditLog, timeout: float,
                                        if r.verb not in ("list", "watch"))),
     }
 
-
-def table(header: tuple[str, ...], rows: list[tuple[object, ...]]) -> None:
-    print(" | ".join(header))
-    print(" | ".join("---" for _ in header))
-    for row in rows:
-        print(" | ".join(str(v) for v in row))
-    print()
 
 
 def report(args: argparse.Namespace, up: dict[str, Any], load: dict[str, Any],

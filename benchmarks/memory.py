@@ -45,6 +45,7 @@ from devkit.agents import (
 )
 from devkit.controlplane import ControlPlane
 from devkit.disks import Disks, sh
+from devkit.report import table
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -173,13 +174,6 @@ def cycles(agent: ModeAgent, cluster: ControlPlane, proc: psutil.Process, mount_
             "rss_after_warmup_mib": round(after_warmup, 1), "rss_end_mib": round(end, 1),
             "growth_mib": round(end - after_warmup, 2)}
 
-
-def table(header: tuple[str, ...], rows: list[tuple[object, ...]]) -> None:
-    print(" | ".join(header))
-    print(" | ".join("---" for _ in header))
-    for row in rows:
-        print(" | ".join(str(v) for v in row))
-    print()
 
 
 def on_a_cluster(work: Path, secrets: Path, sizes: list[int], modes: list[str],
