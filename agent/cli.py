@@ -84,8 +84,9 @@ def run(args: argparse.Namespace, config: Config) -> int:
     # Imported here so `scan` works without touching the API client at all.
     from agent.cleaner import CleanOutcome, DirtyStore, capacity_breakdown  # noqa: PLC0415
     from agent.kube import Kube  # noqa: PLC0415
-    from agent.loop import Hooks, PassResult, Reconciler  # noqa: PLC0415
+    from agent.loop import Hooks, Reconciler  # noqa: PLC0415
     from agent.metrics import HealthServer, Metrics, stalled_after  # noqa: PLC0415
+    from agent.runloop import PassResult  # noqa: PLC0415
 
     if not args.node_name_given:
         print("localpv-agent: run needs the node name: set MY_NODE_NAME or --node-name",

@@ -5,8 +5,8 @@ node's PVs only, so a missed wake-up costs latency, never correctness, and two p
 unchanged host write nothing. Wake-ups (watch events, the periodic resync) only shorten the
 wait. API failures back off and never end the loop.
 
-This module keeps the pass, the run loop and the wiring; the jobs around them live in their own
-modules: the PV cache and its watch (`pvcache`), the PV writes (`apply`), recycling
+This module keeps the pass and the wiring; the jobs around them live in their own modules: when
+passes run (`runloop`), the PV cache and its watch (`pvcache`), the PV writes (`apply`), recycling
 (`recycler`, with `safety`, `jobclean` and `heartbeats`), Events (`events`), StorageClasses
 (`classes`) and config reloads (`reload`).
 See docs/architecture.md for the threads and the invariants.
@@ -21,12 +21,11 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from agent import pv as pvs
 from agent.apply import PVWriter
-from agent.backoff import Backoff, resync_period
 from agent.classes import StorageClasses
 from agent.cleaner import Cleaner, CleanJob, CleanOutcome, DirtyStore
 from agent.config import Config
@@ -40,6 +39,7 @@ from agent.plan import Plan, Recycling, exclusion_notices, offered_all, plan
 from agent.pvcache import PVCache, PVStore, PVWatcher
 from agent.recycler import Recycler
 from agent.reload import ConfigReloader
+from agent.runloop import PassResult, RunLoop
 from agent.safety import comparable
 from agent.settings import RunSettings
 from agent.sources import Waker
@@ -51,49 +51,7 @@ log = logging.getLogger(__name__)
 # reported again after they clear
 CONDITIONS = frozenset({Scope.MISSING, Scope.CHANGED, Scope.CAPACITY, Scope.CLASS_REMOVED})
 EVENTS_DRAIN = 1.0  # seconds queued Events get to be posted when the loop stops
-WAIT_TICK = 2.0  # seconds between heartbeats (and config checks) while waiting
 AVAILABLE_SETTLE = 2.0  # seconds a "new PV became Available" wake-up waits for company
-
-
-@dataclass
-class PassResult:
-    discovery: Discovery
-    plan: Plan
-    created_by_mode: dict[str, int] = field(default_factory=dict)
-    adopted: int = 0
-    withdrawn: int = 0
-    cleaning: frozenset[str] = frozenset()  # PV names being cleaned or waiting to retry
-    errors: int = 0
-    woken_at: float | None = None  # when the wake-up this pass answers arrived
-    resized: int = 0
-
-
-@dataclass
-class LoopState:
-    """What health endpoints and metrics read; written only by the loop."""
-
-    heartbeat: float = field(default_factory=time.monotonic)
-    first_sync_done: bool = False
-    failing_since: float | None = None  # monotonic start of a streak of failed passes
-    failing_for_api: bool = False  # the streak is the API's fault, not the agent's
-    last_pass: PassResult | None = None
-    passes: int = 0
-
-    def failed(self, api: bool) -> None:
-        """A pass failed; a long streak not caused by the API fails /healthz."""
-        if self.failing_since is None:
-            self.failing_since = time.monotonic()
-            self.failing_for_api = api
-        else:
-            self.failing_for_api = self.failing_for_api and api
-
-    def wedged(self, bound: float) -> bool:
-        """Passes have failed for longer than `bound`, and not only because the API is away:
-        a restart may help, so liveness says so. An unreachable API never counts: restarting
-        every agent of a cluster during an API outage helps nobody."""
-        since = self.failing_since
-        return (since is not None and not self.failing_for_api
-                and time.monotonic() - since > bound)
 
 
 @dataclass(frozen=True)
@@ -142,7 +100,8 @@ class Reconciler:
         self.recycler = Recycler(self.ctx, dirty, hooks.on_clean)
         self.reloader = ConfigReloader(settings.config_path, self.events,
                                        lambda: self.ctx.node.name)
-        self.state = LoopState()
+        self.runner = RunLoop(self.ctx, lambda: self.sync().errors, self.classes, self.reloader)
+        self.state = self.runner.state
         self.watcher: PVWatcher | None = None
         self.taint_checked = False  # the startup taint is gone (or was never there)
         self._wrote = False  # the last pass wrote PVs: the next one holds Events throughout
@@ -184,49 +143,10 @@ class Reconciler:
     def run(self) -> None:
         """Run until `stop` is set. Startup steps retry with backoff until they succeed."""
         try:
-            if self._retry(self._start):
-                self._loop()
+            if self.runner.retry(self._start):
+                self.runner.run()
         finally:
             self.events.close(EVENTS_DRAIN)
-
-    def _loop(self) -> None:
-        backoff = Backoff()
-        next_resync = time.monotonic() + resync_period(self.settings.resync_period)
-        while not self.stop.is_set():
-            self.state.heartbeat = now = time.monotonic()
-            if now >= next_resync:
-                next_resync = now + resync_period(self.settings.resync_period)
-                try:
-                    self.classes.refresh()
-                except ApiError as exc:
-                    log.warning("resync: %s", exc)
-            try:
-                result = self.sync()
-            except (ApiError, OSError) as exc:
-                delay = self._failed(backoff, api=isinstance(exc, ApiError))
-                log.warning("pass failed, retrying in %.0fs: %s", delay, exc)
-                self._backoff_wait(delay)
-                continue
-            except Exception:  # a bug must not stop every volume of the node: log, back off
-                delay = self._failed(backoff, api=False)
-                log.exception("pass crashed, retrying in %.0fs", delay)
-                self._backoff_wait(delay)
-                continue
-            if result.errors:
-                delay = self._failed(backoff, api=True)
-                log.warning("%d API writes failed, retrying in %.0fs", result.errors, delay)
-                self._backoff_wait(delay)
-                continue
-            backoff.reset()
-            self.state.failing_since = None
-            deadline = next_resync
-            if self.settings.poll_period:
-                deadline = min(deadline, time.monotonic() + self.settings.poll_period)
-            self._wait_until(deadline)
-
-    def _failed(self, backoff: Backoff, api: bool) -> float:
-        self.state.failed(api)
-        return backoff.next_delay()
 
     def wedged(self, bound: float) -> bool:
         return self.state.wedged(bound)
@@ -262,18 +182,6 @@ class Reconciler:
             self.wake.set()
         elif not self.settings.poll_period:
             self.waker.wake(source)
-
-    def _retry(self, step: Callable[[], None]) -> bool:
-        backoff = Backoff()
-        while not self.stop.is_set():
-            try:
-                step()
-                return True
-            except ApiError as exc:
-                delay = backoff.next_delay()
-                log.warning("startup: %s; retrying in %.0fs", exc, delay)
-                self.stop.wait(delay)
-        return False
 
     # -- one pass ------------------------------------------------------------------------------
 
@@ -393,47 +301,3 @@ class Reconciler:
         self.events.report((n for n in the_plan.notices if lasts(n)), scopes=CONDITIONS)
         self.events.report(exclusion_notices(found.exclusions, self.node),
                            scopes={Scope.EXCLUDED})
-
-    # -- waiting -------------------------------------------------------------------------------
-
-    def _reload_config(self) -> bool:
-        """Apply an edited config (a bad edit is rejected, the last good one kept); True when
-        a pass should run now. Existing PVs are never rewritten by a reload."""
-        config = self.reloader.check(self.config)
-        if config is None:
-            return False
-        self.ctx.config = config
-        try:
-            self.classes.refresh()
-        except ApiError as exc:
-            log.warning("reading StorageClasses after a reload: %s", exc)
-        return True
-
-    def _backoff_wait(self, delay: float) -> None:
-        """Wait out a backoff, still picking up config edits: a config that breaks every pass
-        is fixed by editing it, without a restart."""
-        deadline = time.monotonic() + delay
-        while not self.stop.is_set() and time.monotonic() < deadline:
-            self.state.heartbeat = time.monotonic()
-            try:
-                if self._reload_config():
-                    return
-            except Exception:
-                log.exception("reloading the config failed")
-            self.stop.wait(min(1.0, max(0.0, deadline - time.monotonic())))
-
-    def _wait_until(self, deadline: float, tick: float = WAIT_TICK) -> None:
-        """Sleep until a wake-up makes a pass due (`PassSchedule`: at once, unless passes ran
-        back to back), stopped or the deadline, beating the heart every `tick`."""
-        deadline = min(deadline, self.waker.next_alarm())
-        while not self.stop.is_set():
-            self.state.heartbeat = time.monotonic()
-            try:
-                if self._reload_config():
-                    break
-            except Exception:  # housekeeping must never end the loop
-                log.exception("housekeeping between passes failed")
-            remaining = min(deadline, self.waker.due()) - time.monotonic()
-            if remaining <= 0:
-                break
-            self.wake.wait(min(remaining, tick))

@@ -15,8 +15,9 @@ import yaml
 
 from agent.cleaner import Cleaner, CleanError, CleanJob, CleanOutcome, DirtyStore
 from agent.configfiles import load_config
-from agent.loop import Hooks, PassResult, Reconciler
+from agent.loop import Hooks, Reconciler
 from agent.pvcache import PVWatcher
+from agent.runloop import PassResult
 from agent.settings import RunSettings
 from agent.volumes import pv_name
 from devkit.fake_kube import FakeKube

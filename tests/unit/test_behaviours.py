@@ -47,7 +47,7 @@ def taint_rig(tmp_path: Path, **top: Any) -> Rig:
     r = Rig(tmp_path)
     r.write_config(r.classes, removeNodeNotReadyTaint=True,
                    provisionerNotReadyNodeTaintKey=TAINT, **top)
-    assert r.loop._reload_config()
+    assert r.loop.runner.reload_config()
     r.kube.taint_node(NODE, TAINT)
     r.kube.taint_node(NODE, "other.example/keep", "NoExecute")
     return r
@@ -210,7 +210,7 @@ def test_available_pvs_of_a_removed_class_are_withdrawn_bound_ones_reported(
     try:
         r.kube.bind(r.name("g", FAST))
         r.write_config({CLASS: {"hostDir": "/mnt/disks"}})
-        assert r.loop._reload_config()
+        assert r.loop.runner.reload_config()
         result = r.pass_()
         assert result.withdrawn == 1 and result.errors == 0
         assert r.pv("f", FAST) is None and r.pv("g", FAST) is not None
@@ -229,7 +229,7 @@ def test_a_withdrawal_of_a_pv_bound_meanwhile_fails_its_precondition(tmp_path: P
     r = two_class_rig(tmp_path, withdraw_removed_classes=True)
     try:
         r.write_config({CLASS: {"hostDir": "/mnt/disks"}})
-        assert r.loop._reload_config()
+        assert r.loop.runner.reload_config()
         r.pump()
         r.kube.bind(r.name("f", FAST))
         result = r.loop.sync()
@@ -243,7 +243,7 @@ def test_removed_classes_are_left_alone_by_default(tmp_path: Path) -> None:
     r = two_class_rig(tmp_path)
     try:
         r.write_config({CLASS: {"hostDir": "/mnt/disks"}})
-        assert r.loop._reload_config()
+        assert r.loop.runner.reload_config()
         result = r.pass_()
         assert result.plan.writes == 0 and len(r.kube.pvs) == 3
         assert "ClassRemoved" not in r.reasons()

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.backoff import Backoff
 from agent.cleaner import DirtyStore
 from agent.configfiles import load_config
 from agent.host import HostReader
@@ -57,7 +56,7 @@ def test_a_config_edit_is_picked_up_while_backing_off(tmp_path: Path) -> None:
     """A config that breaks every pass must be fixable by editing it: the backoff wait
     reloads it and ends, so the next pass runs with the repair at once."""
     loop = reconciler(tmp_path)
-    waited = threading.Thread(target=loop._backoff_wait, args=(60.0,))
+    waited = threading.Thread(target=loop.runner.backoff_wait, args=(60.0,))
     started = time.monotonic()
     waited.start()
     edit = tmp_path / "config.yaml.new"  # replaced whole, as the kubelet swaps a ConfigMap
@@ -70,11 +69,10 @@ def test_a_config_edit_is_picked_up_while_backing_off(tmp_path: Path) -> None:
 
 def test_liveness_fails_only_for_a_long_streak_not_caused_by_the_api(tmp_path: Path) -> None:
     loop = reconciler(tmp_path)
-    backoff = Backoff()
-    loop._failed(backoff, api=True)
+    loop.state.failed(api=True)
     loop.state.failing_since = time.monotonic() - 3600  # an hour of API outage
     assert not loop.wedged(600)  # restarting every agent would not bring the API back
-    loop._failed(backoff, api=False)  # and now something else fails too
+    loop.state.failed(api=False)  # and now something else fails too
     assert loop.wedged(600)
     loop.state.failing_since = time.monotonic()
     assert not loop.wedged(600)  # a short streak is backoff's business

@@ -33,7 +33,7 @@ def pv(name: str, labels: dict[str, str] | None = None, phase: str = "Available"
 @pytest.fixture
 def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """Retries after milliseconds, not seconds."""
-    for module in ("agent.loop", "agent.watching"):
+    for module in ("agent.runloop", "agent.watching"):
         monkeypatch.setattr(f"{module}.Backoff",
                             lambda **kw: Backoff(0.01, 0.02, **kw))
 
@@ -288,12 +288,12 @@ def test_a_valid_config_edit_applies_and_a_bad_one_is_rejected(rig: Rig) -> None
     rig.pass_()
     assert rig.pv("f", "fast") is None
     rig.write_config({**rig.classes, "fast": {"hostDir": "/mnt/fast"}})
-    assert rig.loop._reload_config()
-    assert not rig.loop._reload_config()  # unchanged since
+    assert rig.loop.runner.reload_config()
+    assert not rig.loop.runner.reload_config()  # unchanged since
     rig.pass_()
     assert rig.pv("f", "fast") is not None
     rig.config_path.write_text("storageClassMap: {fast: {volumeMode: Blok}}\n")
-    assert not rig.loop._reload_config()
+    assert not rig.loop.runner.reload_config()
     assert sorted(c.name for c in rig.loop.config.classes) == ["fast", CLASS]  # the last good
     assert rig.loop.events.drain(5)
     assert [r for r in rig.reasons() if r.startswith("Config")] == [
@@ -303,7 +303,7 @@ def test_a_valid_config_edit_applies_and_a_bad_one_is_rejected(rig: Rig) -> None
 
 def test_a_config_fix_ends_a_backoff_wait_at_once(rig: Rig) -> None:
     rig.start()
-    waited = threading.Thread(target=rig.loop._backoff_wait, args=(60.0,))
+    waited = threading.Thread(target=rig.loop.runner.backoff_wait, args=(60.0,))
     started = time.monotonic()
     waited.start()
     rig.write_config({**rig.classes, "fast": {"hostDir": "/mnt/fast"}})

@@ -241,9 +241,9 @@ def test_a_failed_adoption_counts_as_an_error(rig: Rig) -> None:
 
 def test_an_unreachable_api_at_start_is_retried_until_it_answers(
         rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("agent.loop.Backoff", lambda: Backoff(0.01, 0.02))
+    monkeypatch.setattr("agent.runloop.Backoff", lambda: Backoff(0.01, 0.02))
     rig.kube.fail("get_node", ApiError("get", 0, "connection refused"), times=2)
-    rig.loop._retry(lambda: rig.loop.ctx.kube.get_node(NODE) and None)
+    rig.loop.runner.retry(lambda: rig.loop.ctx.kube.get_node(NODE) and None)
     assert rig.kube.calls["get_node"] == 3
 
 
@@ -251,7 +251,7 @@ def test_the_class_of_a_volume_whose_pv_cannot_be_built_is_skipped_alone(rig: Ri
     rig.host.add(CLASS, "a")
     rig.start()
     rig.write_config(rig.classes, setPVOwnerRef=True)
-    assert rig.loop._reload_config()
+    assert rig.loop.runner.reload_config()
     rig.loop.ctx.node = type(rig.loop.node)(name=NODE, uid="", labels=rig.loop.node.labels)
     result = rig.pass_()
     assert result.created_by_mode == {} and rig.reasons() == ["ConfigReloaded", "ClassFailed"]
