@@ -68,7 +68,7 @@ class FsReport:
         return text
 
 
-def clean_filesystem(root: str, device: int, skip: Iterable[str] = (),
+def clean_filesystem(root: str, device: int, skip: Iterable[str] = (),  # noqa: PLR0913, PLR0917 - the walk's root, its device and its three optional bounds
                      stop: threading.Event | None = None,
                      deadline: float = float("inf"), root_fd: int | None = None) -> FsReport:
     """Remove everything inside the mount point `root`, keeping `root` itself.
@@ -270,7 +270,7 @@ def run_block_cleaner(command: Sequence[str], device: str, timeout: float,
         raise CleanError(f"{command[0]} exited with status {code}")
 
 
-def run_filesystem_cleaner(root_fd: int, root: str, device: int, skip: Sequence[str],
+def run_filesystem_cleaner(root_fd: int, root: str, device: int, skip: Sequence[str],  # noqa: PLR0913, PLR0917 - what the child needs, by name; one call site
                            timeout: float, label: str,
                            stop: Callable[[], str] | None = None) -> str:
     """Empty the directory open as `root_fd` in a child process (`python -m agent.cleaner`).
@@ -291,7 +291,7 @@ def run_filesystem_cleaner(root_fd: int, root: str, device: int, skip: Sequence[
     return str(result.get("detail", ""))
 
 
-def run_fs_cleaner_command(command: Sequence[str], root_fd: int, root: str, timeout: float,
+def run_fs_cleaner_command(command: Sequence[str], root_fd: int, root: str, timeout: float,  # noqa: PLR0913, PLR0917 - what the child needs, by name; one call site
                            label: str, stop: Callable[[], str] | None = None) -> None:
     """Run a class's `fsCleanerCommand` with LOCAL_PV_FS_PATH set to the volume's directory
     in the agent's container, as block cleaners get LOCAL_PV_BLKDEVICE (see `_run_child`).
@@ -310,7 +310,7 @@ FS_PATH_ENV = "LOCAL_PV_FS_PATH"
 RESULT = "localpv-agent-clean-result: "
 
 
-def _run_child(argv: list[str], env: dict[str, str], timeout: float, label: str,
+def _run_child(argv: list[str], env: dict[str, str], timeout: float, label: str,  # noqa: PLR0913, PLR0917 - the process, its bounds and its fds; every argument is used
                stop: Callable[[], str] | None, pass_fds: Sequence[int] = (),
                cwd: str | None = None) -> tuple[int, list[str]]:
     """Run a cleaner process at idle I/O priority, dying with the agent, its output streamed
@@ -541,7 +541,7 @@ class Cleaner:
     not) and `identify` (the identity of the disk at the path now, read from the device).
     """
 
-    def __init__(self, concurrency: int = 2, timeout: float = 6 * 3600.0, *,
+    def __init__(self, concurrency: int = 2, timeout: float = 6 * 3600.0, *,  # noqa: PLR0913 - settings and callbacks, all by keyword after two
                  identify: Callable[[CleanJob], Mapping[str, str]],
                  confirm: Callable[[CleanJob], None] | None = None,
                  on_done: Callable[[], None] | None = None,
@@ -736,7 +736,7 @@ class Cleaner:
         finally:
             os.close(root_fd)
 
-    def _run_fs_command(self, job: CleanJob, root_fd: int, real: str, st: os.stat_result,
+    def _run_fs_command(self, job: CleanJob, root_fd: int, real: str, st: os.stat_result,  # noqa: PLR0913, PLR0917 - one clean's already-checked facts, passed on unchanged
                         label: str, stop: Callable[[], str]) -> str:
         """The class's own filesystem cleaner; afterwards the mount point must still hold
         the same filesystem (a command that unmounted it fails the clean)."""

@@ -31,7 +31,7 @@ def job_name(pv_name: str) -> str:
     return JOB_PREFIX + pv_name
 
 
-def cleanup_job(
+def cleanup_job(  # noqa: PLR0913, PLR0917 - the Job manifest's inputs, a pure builder
     pv_name: str,
     pv_uid: str,
     node: NodeInfo,

@@ -236,7 +236,7 @@ class Assessment:
         return {h: s for h, s in self.hosts.items() if s.state == "lost"}
 
 
-def host_state(hostname: str, views: Sequence[NodeView], memory: Memory, options: Options,
+def host_state(hostname: str, views: Sequence[NodeView], memory: Memory, options: Options,  # noqa: PLR0911 - one answer per state of a host, in order of precedence
                now: float) -> HostState:
     names = frozenset(v.name for v in views) or memory.names.get(hostname, frozenset({hostname}))
     if not views:
@@ -394,7 +394,7 @@ def statefulsets_to_read(pods: Iterable[Obj], claim: str) -> set[str]:
             if (ref := controller_of(p)) is not None and ref[0] == "StatefulSet"}
 
 
-def decide_claim(candidate: ClaimCandidate, claim: Obj | None, pods: Sequence[Obj],
+def decide_claim(candidate: ClaimCandidate, claim: Obj | None, pods: Sequence[Obj],  # noqa: PLR0911 - one reason to wait or delete per return, in order of precedence
                  statefulsets: Mapping[str, Obj | None],
                  lost_nodes: frozenset[str]) -> ClaimDecision:
     """Whether to delete a lost node's bound claim now. `pods`: the claim's namespace's pods;
@@ -498,7 +498,7 @@ class LeaseStep:
     holder: str  # who holds it if the step succeeds (or holds it now, for follow)
 
 
-def lease_step(lease: Obj | None, me: str, name: str, namespace: str, duration: int,
+def lease_step(lease: Obj | None, me: str, name: str, namespace: str, duration: int,  # noqa: PLR0913, PLR0917 - a pure step: the Lease, who asks, and the clock, all explicit
                observed: Observed | None, now: float, wall: str) -> LeaseStep:
     """One round of leader election on a coordination.k8s.io Lease, written with plain
     get/create/update and the resourceVersion (an update on a stale version fails with 409).

@@ -238,7 +238,7 @@ class LeaderElector:
 class Remediator:
     """Passes over the caches: observe, assess, and (as the leader) act."""
 
-    def __init__(self, kube: ClusterKube, options: Options, identity: str,
+    def __init__(self, kube: ClusterKube, options: Options, identity: str,  # noqa: PLR0913, PLR0917 - the wiring's inputs, one each
                  lease: LeaseSettings, interval: float,
                  count: Callable[[str, str], None] = lambda trigger, result: None) -> None:
         self.kube = kube
@@ -401,7 +401,7 @@ class Remediator:
                     self._event(ObjectRef("Node", name), "Warning", "RemediationBlocked",
                                 message)
 
-    def _claim(self, c: ClaimCandidate, a: Assessment, now: float,
+    def _claim(self, c: ClaimCandidate, a: Assessment, now: float,  # noqa: PLR0911 - one outcome per return, in order of precedence
                touched: set[str]) -> bool:
         """Act on one bound PV of a lost node; True when it waits on something that may
         change without an event this controller watches (a pod being evicted)."""
@@ -512,7 +512,7 @@ class Remediator:
         self._reported.add(key)
         return True
 
-    def _say(self, c: ClaimCandidate, d: ClaimDecision, claim_ref: ObjectRef, event_type: str,
+    def _say(self, c: ClaimCandidate, d: ClaimDecision, claim_ref: ObjectRef, event_type: str,  # noqa: PLR0913, PLR0917 - an Event's fields, one each
              reason: str, message: str, result: str) -> None:
         """An outcome for a claim: logged, counted, and an Event on the claim and the
         StatefulSet of its pods."""
@@ -520,7 +520,7 @@ class Remediator:
         if d.owner is not None:
             self._event(d.owner, event_type, reason, message)
 
-    def _report(self, ref: ObjectRef, event_type: str, reason: str, message: str,
+    def _report(self, ref: ObjectRef, event_type: str, reason: str, message: str,  # noqa: PLR0913, PLR0917 - an Event's fields, one each
                 trigger: str, result: str) -> None:
         log.log(logging.WARNING if event_type == "Warning" else logging.INFO, "%s", message)
         self.count(trigger, result)

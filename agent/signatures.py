@@ -258,7 +258,7 @@ def _exfat(data: _Bytes) -> Signature | None:
     return Signature("exfat", _serial4(data.get(0x64, 4) or b""))
 
 
-def _vfat(data: _Bytes) -> Signature | None:
+def _vfat(data: _Bytes) -> Signature | None:  # noqa: PLR0911 - blkid's rules, one per return
     """A FAT boot sector, by blkid's rules: a magic string, or failing that a jump instruction
     or 55AA plus a boot parameter block that adds up."""
     boot = data.get(0, SECTOR)
