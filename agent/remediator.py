@@ -37,6 +37,7 @@ from agent.pv import rfc3339
 from agent.remediate import (
     DEFAULT_LEASE,
     Assessment,
+    Budget,
     ClaimCandidate,
     ClaimDecision,
     Memory,
@@ -258,9 +259,7 @@ class Remediator:
         self.last: Assessment | None = None
         self.passes = 0
         self.heartbeat = time.monotonic()
-        self._reported: set[tuple[str, ...]] = set()  # (object key, outcome) said once
-        self._host_states: dict[str, str] = {}
-        self._blocked_logged = False
+        self.said = Outcomes(kube, identity, count)
         # A claim waiting on its pods is read again after `interval`, or at once when a pod of
         # its namespace changed: a burst of unrelated pod events costs no reads.
         self._recheck_at: dict[str, float] = {}
@@ -341,11 +340,11 @@ class Remediator:
         a = assess(nodes, pvs, self.memory, self.options, now)
         self.last = a
         self.passes += 1
-        self._log_hosts(a)
+        self.said.hosts(a)
         dues = [a.next_due] if a.next_due is not None else []
         if not self.elector.is_leader():
             return min(dues, default=None)
-        self._guard(a)
+        self.said.guard(a, self.options.max_unavailable)
         with self._touched_lock:
             touched, self._touched = self._touched, set()
         waiting = False
@@ -358,10 +357,9 @@ class Remediator:
             self._remove(removal, a)
         for name, why in a.kept:
             current.add(f"kept/{name}")
-            if self._first((f"kept/{name}", why)):
+            if self.said.first((f"kept/{name}", why)):
                 log.info("PV %s of a lost node is left alone: %s", name, why)
-        # what is no longer a candidate is forgotten, so it is reported anew if it comes back
-        self._reported = {r for r in self._reported if r[0] in current or r[0] == "guard"}
+        self.said.keep(current)
         self._recheck_at = {k: t for k, t in self._recheck_at.items() if k in current}
         if waiting:
             dues.append(now + self.interval)
@@ -369,37 +367,6 @@ class Remediator:
         if free is not None and a.claims:
             dues.append(free)
         return min(dues, default=None)
-
-    def _log_hosts(self, a: Assessment) -> None:
-        states = {h: f"{s.state}: {s.detail}" for h, s in a.hosts.items()}
-        for h, text in sorted(states.items()):
-            before = self._host_states.get(h)
-            if before != text and not (before is None and text.startswith("healthy")):
-                level = logging.INFO if text.startswith("healthy") else logging.WARNING
-                log.log(level, "node %s: %s", h, text)
-        self._host_states = states
-
-    def _guard(self, a: Assessment) -> None:
-        if not a.blocked:
-            if self._blocked_logged:
-                log.info("partition guard released: %d of %d nodes holding opted-in PVs down, "
-                         "%d allowed", a.unavailable, len(a.hosts), a.allowed)
-                self._reported = {r for r in self._reported if r[0] != "guard"}
-            self._blocked_logged = False
-            return
-        down = sorted(h for h, s in a.hosts.items() if s.unavailable)
-        message = (f"{a.unavailable} of {len(a.hosts)} nodes holding opted-in PVs are down at "
-                   f"once ({', '.join(down)}); at most {a.allowed} allowed "
-                   f"(--max-unavailable-nodes={self.options.max_unavailable}): a partition is "
-                   "likelier than lost nodes, so nothing is remediated until fewer are down")
-        if not self._blocked_logged:
-            log.warning("partition guard: %s", message)
-            self._blocked_logged = True
-        for h in down:
-            for name in sorted(a.hosts[h].node_names):
-                if self._first(("guard", name)):
-                    self._event(ObjectRef("Node", name), "Warning", "RemediationBlocked",
-                                message)
 
     def _claim(self, c: ClaimCandidate, a: Assessment, now: float,  # noqa: PLR0911 - one outcome per return, in order of precedence
                touched: set[str]) -> bool:
@@ -420,33 +387,34 @@ class Remediator:
         if d.verdict == "done":
             return False
         if d.verdict == "wait":
-            if self._first((key, "wait", d.reason)):
+            if self.said.first((key, "wait", d.reason)):
                 log.info("%s: waiting: %s", what, d.reason)
             self._recheck_at[key] = now + self.interval
             return True
         if d.verdict == "skip":
-            if self._first((key, d.result)):
-                self._say(c, d, ref, "Normal", "RemediationSkipped",
-                          f"Not deleting {what}: {d.reason}", d.result)
+            if self.said.first((key, d.result)):
+                self.said.claim(c, d, ref, "Normal", "RemediationSkipped",
+                                f"Not deleting {what}: {d.reason}", d.result)
             return False
         if a.blocked:
-            if self._first((key, "blocked")):
-                self._say(c, d, ref, "Warning", "RemediationBlocked",
-                          f"Not deleting {what}: too many nodes down at once ({a.unavailable}, "
-                          f"at most {a.allowed} allowed)", "blocked")
+            if self.said.first((key, "blocked")):
+                self.said.claim(c, d, ref, "Warning", "RemediationBlocked",
+                                f"Not deleting {what}: too many nodes down at once "
+                                f"({a.unavailable}, at most {a.allowed} allowed)", "blocked")
             return False
         if self.options.dry_run:
-            if self._first((key, "dry_run")):
-                self._say(c, d, ref, "Normal", "RemediationDryRun",
-                          f"Dry run: would delete {what} so that its StatefulSet recreates it "
-                          f"on another node; pods {', '.join(d.pods)} cannot run", "dry_run")
+            if self.said.first((key, "dry_run")):
+                self.said.claim(c, d, ref, "Normal", "RemediationDryRun",
+                                f"Dry run: would delete {what} so that its StatefulSet "
+                                f"recreates it on another node; pods {', '.join(d.pods)} "
+                                "cannot run", "dry_run")
             return False
         if not self.rate.allow(now):
-            if self._first((key, "rate_limited")):
-                self._say(c, d, ref, "Warning", "RemediationRateLimited",
-                          f"Delaying the deletion of {what}: at most "
-                          f"{self.options.max_claims_per_minute} claims a minute "
-                          "(--max-claims-per-minute)", "rate_limited")
+            if self.said.first((key, "rate_limited")):
+                self.said.claim(c, d, ref, "Warning", "RemediationRateLimited",
+                                f"Delaying the deletion of {what}: at most "
+                                f"{self.options.max_claims_per_minute} claims a minute "
+                                "(--max-claims-per-minute)", "rate_limited")
             return False
         return self._delete_claim(c, d, ref, what)
 
@@ -465,10 +433,10 @@ class Remediator:
             self.count(c.trigger.value, "failed")
             return True
         self.rate.record(time.monotonic())
-        self._say(c, d, ref, "Normal", "ClaimRemediated",
-                  f"Deleted {what}: pods {', '.join(d.pods)} could not run; its StatefulSet "
-                  "recreates the claim and the scheduler binds it to a free PV on another node "
-                  "(the replica starts empty and re-replicates)", "claim_deleted")
+        self.said.claim(c, d, ref, "Normal", "ClaimRemediated",
+                        f"Deleted {what}: pods {', '.join(d.pods)} could not run; its StatefulSet "
+                        "recreates the claim and the scheduler binds it to a free PV on another "
+                        "node (the replica starts empty and re-replicates)", "claim_deleted")
         return False
 
     def _remove(self, r: VolumeRemoval, a: Assessment) -> None:
@@ -477,15 +445,16 @@ class Remediator:
         what = f"PV {r.pv} ({r.phase}) of lost node {r.hostname} ({r.trigger.value})"
         trigger = r.trigger.value
         if a.blocked:
-            if self._first((key, "blocked")):
-                self._report(ref, "Warning", "RemediationBlocked",
-                             f"Not deleting {what}: too many nodes down at once "
-                             f"({a.unavailable}, at most {a.allowed} allowed)", trigger, "blocked")
+            if self.said.first((key, "blocked")):
+                self.said.report(ref, "Warning", "RemediationBlocked",
+                                 f"Not deleting {what}: too many nodes down at once "
+                                 f"({a.unavailable}, at most {a.allowed} allowed)", trigger,
+                                 "blocked")
             return
         if self.options.dry_run:
-            if self._first((key, "dry_run")):
-                self._report(ref, "Normal", "RemediationDryRun", f"Dry run: would delete {what}",
-                             trigger, "dry_run")
+            if self.said.first((key, "dry_run")):
+                self.said.report(ref, "Normal", "RemediationDryRun",
+                                 f"Dry run: would delete {what}", trigger, "dry_run")
             return
         if not self.elector.is_leader():
             return
@@ -499,34 +468,83 @@ class Remediator:
             log.warning("could not delete %s: %s", what, exc)
             self.count(trigger, "failed")
             return
-        self._report(ref, "Normal", "VolumeRemediated", f"Deleted {what}; its data was not "
-                     "touched (if the node comes back, its agent cleans the disk and offers it "
-                     "again as one PV)", trigger, "pv_deleted")
+        self.said.report(ref, "Normal", "VolumeRemediated", f"Deleted {what}; its data was not "
+                         "touched (if the node comes back, its agent cleans the disk and offers it "
+                         "again as one PV)", trigger, "pv_deleted")
 
-    # -- saying it ------------------------------------------------------------------------------
 
-    def _first(self, key: tuple[str, ...]) -> bool:
+class Outcomes:
+    """What the remediator says, each outcome once: logged, counted (`count(trigger, result)`)
+    and posted as an Event; the nodes' state and the partition guard when they change."""
+
+    def __init__(self, kube: ClusterKube, identity: str,
+                 count: Callable[[str, str], None]) -> None:
+        self.kube = kube
+        self.identity = identity
+        self.count = count
+        self._said: set[tuple[str, ...]] = set()  # (object key, outcome)
+        self._host_states: dict[str, str] = {}
+        self._blocked_logged = False
+
+    def keep(self, current: set[str]) -> None:
+        """Forget what is no longer a candidate, so it is said anew if it comes back."""
+        self._said = {r for r in self._said if r[0] in current or r[0] == "guard"}
+
+    def hosts(self, a: Assessment) -> None:
+        states = {h: f"{s.state}: {s.detail}" for h, s in a.hosts.items()}
+        for h, text in sorted(states.items()):
+            before = self._host_states.get(h)
+            if before != text and not (before is None and text.startswith("healthy")):
+                level = logging.INFO if text.startswith("healthy") else logging.WARNING
+                log.log(level, "node %s: %s", h, text)
+        self._host_states = states
+
+    def guard(self, a: Assessment, max_unavailable: Budget) -> None:
+        """The partition guard's state: logged when it starts and ends, an Event on each
+        down node once."""
+        if not a.blocked:
+            if self._blocked_logged:
+                log.info("partition guard released: %d of %d nodes holding opted-in PVs down, "
+                         "%d allowed", a.unavailable, len(a.hosts), a.allowed)
+                self._said = {r for r in self._said if r[0] != "guard"}
+            self._blocked_logged = False
+            return
+        down = sorted(h for h, s in a.hosts.items() if s.unavailable)
+        message = (f"{a.unavailable} of {len(a.hosts)} nodes holding opted-in PVs are down at "
+                   f"once ({', '.join(down)}); at most {a.allowed} allowed "
+                   f"(--max-unavailable-nodes={max_unavailable}): a partition is "
+                   "likelier than lost nodes, so nothing is remediated until fewer are down")
+        if not self._blocked_logged:
+            log.warning("partition guard: %s", message)
+            self._blocked_logged = True
+        for h in down:
+            for name in sorted(a.hosts[h].node_names):
+                if self.first(("guard", name)):
+                    self.event(ObjectRef("Node", name), "Warning", "RemediationBlocked",
+                                message)
+
+    def first(self, key: tuple[str, ...]) -> bool:
         """Whether this outcome is new (then it is said: logged, counted, an Event)."""
-        if key in self._reported:
+        if key in self._said:
             return False
-        self._reported.add(key)
+        self._said.add(key)
         return True
 
-    def _say(self, c: ClaimCandidate, d: ClaimDecision, claim_ref: ObjectRef, event_type: str,  # noqa: PLR0913, PLR0917 - an Event's fields, one each
+    def claim(self, c: ClaimCandidate, d: ClaimDecision, claim_ref: ObjectRef, event_type: str,  # noqa: PLR0913, PLR0917 - an Event's fields, one each
              reason: str, message: str, result: str) -> None:
         """An outcome for a claim: logged, counted, and an Event on the claim and the
         StatefulSet of its pods."""
-        self._report(claim_ref, event_type, reason, message, c.trigger.value, result)
+        self.report(claim_ref, event_type, reason, message, c.trigger.value, result)
         if d.owner is not None:
-            self._event(d.owner, event_type, reason, message)
+            self.event(d.owner, event_type, reason, message)
 
-    def _report(self, ref: ObjectRef, event_type: str, reason: str, message: str,  # noqa: PLR0913, PLR0917 - an Event's fields, one each
+    def report(self, ref: ObjectRef, event_type: str, reason: str, message: str,  # noqa: PLR0913, PLR0917 - an Event's fields, one each
                 trigger: str, result: str) -> None:
         log.log(logging.WARNING if event_type == "Warning" else logging.INFO, "%s", message)
         self.count(trigger, result)
-        self._event(ref, event_type, reason, message)
+        self.event(ref, event_type, reason, message)
 
-    def _event(self, ref: ObjectRef, event_type: str, reason: str, message: str) -> None:
+    def event(self, ref: ObjectRef, event_type: str, reason: str, message: str) -> None:
         try:
             self.kube.emit_event(ref.involved(), event_type, reason, message, self.identity)
         except ApiError as exc:

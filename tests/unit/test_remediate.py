@@ -472,9 +472,9 @@ def controller(kube: FakeKube, nodes: list[dict[str, Any]], pvs: list[dict[str, 
 
     opts = Options(storage_classes=frozenset({CLASS}), deletion_delay=0.0,
                    max_unavailable=Budget(count=1), **options)
-    r = Remediator(kube, opts, "me", LeaseSettings(enabled=not leader), 10.0)  # type: ignore[arg-type]
     counted: list[tuple[str, str]] = []
-    r.count = lambda trigger, result: counted.append((trigger, result))
+    r = Remediator(kube, opts, "me", LeaseSettings(enabled=not leader), 10.0,  # type: ignore[arg-type]
+                   lambda trigger, result: counted.append((trigger, result)))
     r.counted = counted
     r.nodes.load(nodes)
     r.pvs.load(pvs)
