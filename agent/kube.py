@@ -123,13 +123,11 @@ class Kube:
         # Kept-alive connections: one per concurrent write, plus the watch, Events, heartbeats.
         cfg.connection_pool_maxsize = max(cfg.connection_pool_maxsize or 0, connections + 4)
         self._api = _Rest(cfg)
-        self._sleep = sleep
         self._core = _Group(self._api, "/api/v1", CORE_V1)
         self._timeout = timeout
-        self.requests: Counter[tuple[str, str]] = Counter()  # (verb, "ok" | "error")
-        self._requests_lock = threading.Lock()  # requests come from several threads
-        self.reachable = False  # did the last request get an answer from a healthy server?
-        self._observe = observe
+        self._requests = _Requests(observe, sleep)
+        self._call = self._requests.call
+        self._watch = self._requests.watch
 
     # The other API groups are built on first use.
     @functools.cached_property
@@ -142,8 +140,12 @@ class Kube:
 
     def request_counts(self) -> dict[tuple[str, str], int]:
         """Requests so far by (verb, "ok" | "error"), read safely from any thread."""
-        with self._requests_lock:
-            return dict(self.requests)
+        return self._requests.counts()
+
+    @property
+    def reachable(self) -> bool:
+        """Did the last request get an answer from a healthy server?"""
+        return self._requests.reachable
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -203,33 +205,6 @@ class Kube:
         """Watch events (type, PV) from a version; raises ApiError(410) when it expired."""
         return self._watch(self._core.list_persistent_volume, timeout_seconds,
                            label_selector=label_selector, resource_version=resource_version)
-
-    def _watch(self, lister: Callable[..., Any], timeout_seconds: int,
-               **params: str) -> Iterator[tuple[str, Any]]:
-        """One watch request: its events as (type, raw object). Every failure is an ApiError
-        (0 when no status came back), and an in-stream ERROR event is the 410 it carries."""
-        w = _Watch()
-        start = time.monotonic()
-        try:
-            for event in w.stream(
-                lister, **params, timeout_seconds=timeout_seconds, allow_watch_bookmarks=True,
-                deserialize=False, _request_timeout=timeout_seconds + 30,
-            ):
-                yield event["type"], event["object"]
-            self._count("watch", "ok", time.monotonic() - start)
-        except ApiException as exc:
-            self._count("watch", "error", time.monotonic() - start, exc.status or 0)
-            raise ApiError("watch", exc.status or 0, str(exc.reason)) from None
-        except KeyError:
-            # An in-stream ERROR event (the apiserver's 410 for an expired resourceVersion).
-            self._count("watch", "error", time.monotonic() - start, 410)
-            raise ApiError("watch", 410, "the watch ended with an error event (its "
-                                         "resourceVersion expired)") from None
-        except (HTTPError, OSError) as exc:
-            self._count("watch", "error", time.monotonic() - start, 0)
-            raise ApiError("watch", 0, str(exc)) from None
-        finally:
-            w.stop()
 
     def get_storage_class(self, name: str) -> dict[str, Any] | None:
         try:
@@ -315,48 +290,6 @@ class Kube:
             name, namespace, body=options, _preload_content=False,
             _request_timeout=self._timeout))
 
-    # -- plumbing ------------------------------------------------------------------------------
-
-    def _call(self, verb: str, request: Callable[[], Any]) -> Any:
-        """One request; a 429 is waited out and sent again, at most THROTTLE_RETRIES times."""
-        for attempt in range(1, THROTTLE_RETRIES + 2):
-            try:
-                return self._once(verb, request)
-            except ApiError as exc:
-                if exc.status != 429 or attempt > THROTTLE_RETRIES:
-                    raise
-                wait = exc.retry_after
-                if wait is None:
-                    wait = exponential(attempt, THROTTLE_BACKOFF, THROTTLE_WAIT_MAX)
-                wait = min(max(wait, 0.0), THROTTLE_WAIT_MAX)
-                log.debug("%s: throttled by the API (429), retrying in %.2fs", verb, wait)
-                self._sleep(wait)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _once(self, verb: str, request: Callable[[], Any]) -> Any:
-        start = time.monotonic()
-        try:
-            response = request()
-            data = json.loads(response.data or b"{}")
-        except ApiException as exc:
-            status = exc.status or 0
-            self._count(verb, "throttled" if status == 429 else "error",
-                        time.monotonic() - start, status)
-            raise ApiError(verb, status, _api_message(exc),
-                           _retry_after(exc.headers)) from None
-        except (HTTPError, OSError, ValueError) as exc:
-            self._count(verb, "error", time.monotonic() - start, 0)
-            raise ApiError(verb, 0, str(exc)) from None
-        self._count(verb, "ok", time.monotonic() - start)
-        return data
-
-    def _count(self, verb: str, outcome: str, seconds: float, status: int = 200) -> None:
-        with self._requests_lock:
-            self.requests[(verb, outcome)] += 1
-        self.reachable = 0 < status < 500
-        if self._observe is not None:
-            self._observe(verb, outcome, seconds)
-
     # -- writes of the opt-in behaviours (startup taint, capacity) -------------------------------
 
     def patch_pv_capacity(self, name: str, uid: str, resource_version: str,
@@ -394,6 +327,89 @@ class Kube:
 
 
 RequestObserver = Callable[[str, str, float], None]
+
+
+class _Requests:
+    """Every request's plumbing: its answer decoded, its failure turned into an ApiError, a 429
+    waited out (at most THROTTLE_RETRIES times), and each counted by verb and outcome."""
+
+    def __init__(self, observe: RequestObserver | None, sleep: Callable[[float], None]) -> None:
+        self._observe = observe
+        self._sleep = sleep
+        self._counts: Counter[tuple[str, str]] = Counter()  # (verb, "ok" | "error" | ...)
+        self._lock = threading.Lock()  # requests come from several threads
+        self.reachable = False  # did the last request get an answer from a healthy server?
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self._counts)
+
+    def call(self, verb: str, request: Callable[[], Any]) -> Any:
+        """One request; a 429 is waited out and sent again, at most THROTTLE_RETRIES times."""
+        for attempt in range(1, THROTTLE_RETRIES + 2):
+            try:
+                return self._once(verb, request)
+            except ApiError as exc:
+                if exc.status != 429 or attempt > THROTTLE_RETRIES:
+                    raise
+                wait = exc.retry_after
+                if wait is None:
+                    wait = exponential(attempt, THROTTLE_BACKOFF, THROTTLE_WAIT_MAX)
+                wait = min(max(wait, 0.0), THROTTLE_WAIT_MAX)
+                log.debug("%s: throttled by the API (429), retrying in %.2fs", verb, wait)
+                self._sleep(wait)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _once(self, verb: str, request: Callable[[], Any]) -> Any:
+        start = time.monotonic()
+        try:
+            response = request()
+            data = json.loads(response.data or b"{}")
+        except ApiException as exc:
+            status = exc.status or 0
+            self.count(verb, "throttled" if status == 429 else "error",
+                        time.monotonic() - start, status)
+            raise ApiError(verb, status, _api_message(exc),
+                           _retry_after(exc.headers)) from None
+        except (HTTPError, OSError, ValueError) as exc:
+            self.count(verb, "error", time.monotonic() - start, 0)
+            raise ApiError(verb, 0, str(exc)) from None
+        self.count(verb, "ok", time.monotonic() - start)
+        return data
+
+    def count(self, verb: str, outcome: str, seconds: float, status: int = 200) -> None:
+        with self._lock:
+            self._counts[(verb, outcome)] += 1
+        self.reachable = 0 < status < 500
+        if self._observe is not None:
+            self._observe(verb, outcome, seconds)
+
+    def watch(self, lister: Callable[..., Any], timeout_seconds: int,
+               **params: str) -> Iterator[tuple[str, Any]]:
+        """One watch request: its events as (type, raw object). Every failure is an ApiError
+        (0 when no status came back), and an in-stream ERROR event is the 410 it carries."""
+        w = _Watch()
+        start = time.monotonic()
+        try:
+            for event in w.stream(
+                lister, **params, timeout_seconds=timeout_seconds, allow_watch_bookmarks=True,
+                deserialize=False, _request_timeout=timeout_seconds + 30,
+            ):
+                yield event["type"], event["object"]
+            self.count("watch", "ok", time.monotonic() - start)
+        except ApiException as exc:
+            self.count("watch", "error", time.monotonic() - start, exc.status or 0)
+            raise ApiError("watch", exc.status or 0, str(exc.reason)) from None
+        except KeyError:
+            # An in-stream ERROR event (the apiserver's 410 for an expired resourceVersion).
+            self.count("watch", "error", time.monotonic() - start, 410)
+            raise ApiError("watch", 410, "the watch ended with an error event (its "
+                                         "resourceVersion expired)") from None
+        except (HTTPError, OSError) as exc:
+            self.count("watch", "error", time.monotonic() - start, 0)
+            raise ApiError("watch", 0, str(exc)) from None
+        finally:
+            w.stop()
 
 
 def _retry_after(headers: Any) -> float | None:

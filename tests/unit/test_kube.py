@@ -135,7 +135,7 @@ def test_a_watch_streams_changes_and_says_when_it_expired(api: tuple) -> None:
     fake.bind("a")
     events = [(kind, pv["metadata"]["name"]) for kind, pv in kube.watch_pvs(SELECTOR, version)]
     assert events == [("ADDED", "a"), ("MODIFIED", "a")]
-    assert kube.requests[("watch", "ok")] == 1
+    assert kube.request_counts()[("watch", "ok")] == 1
     fake.compact()
     with pytest.raises(ApiError) as expired:  # an in-stream ERROR event, as the API sends it
         list(kube.watch_pvs(SELECTOR, version))
@@ -155,11 +155,11 @@ def test_the_cluster_wide_list_and_watch_page_and_map_errors_as_the_pv_ones_do(
         fake.bind("pv-1")
         events = [(kind, pv["metadata"]["name"])
                   for kind, pv in cluster.watch_all("persistentvolumes", version)]
-        assert events == [("MODIFIED", "pv-1")] and cluster.requests[("watch", "ok")] == 1
+        assert events == [("MODIFIED", "pv-1")] and cluster.request_counts()[("watch", "ok")] == 1
         fake.compact()
         with pytest.raises(ApiError) as expired:
             list(cluster.watch_all("persistentvolumes", version))
-        assert expired.value.gone and cluster.requests[("watch", "error")] == 1
+        assert expired.value.gone and cluster.request_counts()[("watch", "error")] == 1
 
 
 def test_an_api_that_does_not_answer_is_an_error_with_status_zero(tmp_path: Path) -> None:
@@ -179,7 +179,7 @@ def test_an_api_that_does_not_answer_is_an_error_with_status_zero(tmp_path: Path
     with pytest.raises(ApiError) as watch:
         list(kube.watch_pvs(SELECTOR, "1", timeout_seconds=1))
     assert watch.value.status == 0
-    assert kube.requests[("get", "error")] == 1 and kube.requests[("watch", "error")] == 1
+    assert kube.request_counts()[("get", "error")] == 1 and kube.request_counts()[("watch", "error")] == 1
 
 
 def test_timestamps_are_rfc3339_in_utc_to_the_second_or_the_microsecond() -> None:
