@@ -91,6 +91,109 @@ class DeviceRead:
 
 
 @dataclass
+class Devices:
+    """What identifies a block device: its own bytes (read through the node, never cached),
+    udev's database and the /dev/disk links. Paths are the host's, overridable for tests."""
+
+    sys_block: str = "/sys/dev/block"
+    udev_data: str = "/run/udev/data"
+    dev_dir: str = "/dev"
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _disagreements: set[tuple[str, str, str]] = field(default_factory=set)
+
+    def read(self, path: str, device: str, doing: Callable[[str], None],
+                     loop: bool) -> DeviceRead | None:
+        """Open a device node and read its size, its signatures and (`loop`) its loop status.
+        None when the node is not the block device `device` (any more)."""
+        doing("opening the device")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISBLK(st.st_mode) or _devno(st.st_rdev) != device:
+                return None
+            doing("reading the device size")
+            size = int(struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8))[0])
+            doing("reading the device")
+            chunks = {off: os.pread(fd, length, off) for off, length in signatures.regions(size)}
+            backing = ""
+            if loop and self.is_loop(device):
+                doing("reading the loop status")
+                backing = _loop_status(fd)
+            return DeviceRead(size, signatures.probe(chunks, size), backing)
+        finally:
+            os.close(fd)
+
+    def is_loop(self, device: str) -> bool:
+        major = device.split(":", 1)[0]
+        return major == str(LOOP_MAJOR) or Path(self.sys_block, device, "loop").is_dir()
+
+    def identity(self, device: str, read: DeviceRead | None, doing: Callable[[str], None],
+                  fs_type: str | None = None, node: str | None = None) -> dict[str, str]:
+        """What identifies the disk behind a device number. The device's own bytes win over
+        udev's database, which can be stale (a disk reformatted while udev was not looking).
+        `node`: the device's node, when the caller has just looked it up."""
+        doing("reading udev data")
+        props = self.udev_properties(device)
+        if node is None:
+            node = self.node(device)
+        by_id = self._links_to(node, "disk/by-id") if node else []
+        udev_uuid = props.get("ID_FS_UUID", "")
+        if not udev_uuid and node and read is None:
+            by_uuid = self._links_to(node, "disk/by-uuid")
+            udev_uuid = by_uuid[0] if by_uuid else ""
+        if read is not None:
+            fs_uuid = read.probe.fs_uuid(fs_type)
+            pt_uuid = read.probe.table.uuid if read.probe.table else ""
+            if udev_uuid and udev_uuid != fs_uuid:
+                self._disagree(device, udev_uuid, fs_uuid)
+        else:
+            fs_uuid, pt_uuid = udev_uuid, props.get("ID_PART_TABLE_UUID", "")
+        return compose_identity(props, by_id, fs_uuid, pt_uuid,
+                                read.loop_backing if read is not None else "")
+
+    def _disagree(self, device: str, udev_uuid: str, own: str) -> None:
+        with self._lock:
+            if (device, udev_uuid, own) in self._disagreements:
+                return
+            self._disagreements.add((device, udev_uuid, own))
+        log.warning("device %s: udev's database says filesystem UUID %s, the device itself %s; "
+                    "using the device's", device, udev_uuid, own or "(none)")
+
+    def udev_properties(self, device: str) -> dict[str, str]:
+        """udev's database entry for a block device (`E:KEY=VALUE` lines), if udev runs."""
+        try:  # os.path, not pathlib: called for every entry on every pass
+            with open(os.path.join(self.udev_data, f"b{device}"), errors="replace") as f:
+                text = f.read()
+        except OSError:
+            return {}
+        return dict(
+            line[2:].split("=", 1) for line in text.splitlines()
+            if line.startswith("E:") and "=" in line
+        )
+
+    def node(self, device: str) -> str | None:
+        try:
+            with open(os.path.join(self.sys_block, device, "uevent")) as f:
+                uevent = f.read()
+        except OSError:
+            return None
+        for line in uevent.splitlines():
+            if line.startswith("DEVNAME="):
+                return os.path.join(self.dev_dir, line.split("=", 1)[1])
+        return None
+
+    def _links_to(self, node: str, subdir: str) -> list[str]:
+        """Names of the /dev/disk/... symlinks that resolve to a device node, preferring WWNs."""
+        base = Path(self.dev_dir, subdir)
+        try:
+            names = [p.name for p in base.iterdir()
+                     if os.path.realpath(p) == os.path.realpath(node)]
+        except OSError:
+            return []
+        return sorted(names, key=lambda n: (not n.startswith("wwn-"), n))
+
+
+@dataclass
 class HostReader:
     """Reads host facts; holds the paths to read them from and the calls still hanging."""
 
@@ -102,7 +205,10 @@ class HostReader:
     capacity_of: Callable[[str], int] = field(default=lambda p: int(psutil.disk_usage(p).total))
     _hanging: dict[str, Doing] = field(default_factory=dict)  # key -> what its thread is stuck in
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _disagreements: set[tuple[str, str, str]] = field(default_factory=set)
+    devices: Devices = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.devices = Devices(self.sys_block, self.udev_data, self.dev_dir)
 
     def snapshot(self, config: Config,
                  interrupted: Callable[[], bool] | None = None) -> HostSnapshot:
@@ -227,35 +333,35 @@ class HostReader:
                               error="the mount changed while it was read")
         doing("stat of the mount source")
         device = _block_devno(mount.source) or mount.device  # btrfs: 0:N in mountinfo
-        node = self.device_node(device)
+        node = self.devices.node(device)
         read = None
         if node is not None:
             try:
-                read = self._read_device(node, device, doing, loop=False)
+                read = self.devices.read(node, device, doing, loop=False)
             except OSError:
                 read = None  # the node is not here (a pod without the host's /dev): udev's word
         return EntryFacts(name, path, FileType.DIRECTORY, target=target, device=mount.device,
                           capacity_bytes=capacity,
-                          identity=self._identity(device, read, doing, mount.fs_type, node))
+                          identity=self.devices.identity(device, read, doing, mount.fs_type, node))
 
     def _block(self, name: str, path: str, target: str | None, device: str,
                doing: Callable[[str], None]) -> EntryFacts:
         doing("reading sysfs")
-        sysdir = Path(self.sys_block, device)
+        sysdir = Path(self.devices.sys_block, device)
         partitions = tuple(sorted(
             _read(p / "dev") for p in _children(sysdir) if (p / "partition").exists()
         ))
         holders = tuple(sorted(p.name for p in _children(sysdir / "holders")))
         try:
-            read = self._read_device(target or path, device, doing, loop=True)
+            read = self.devices.read(target or path, device, doing, loop=True)
         except OSError as exc:
             return _unreadable(name, path, exc, target)
         if read is None:
             return EntryFacts(name, path, FileType.UNREADABLE, target=target,
                               error="the entry changed while it was read")
-        probe = read.probe
+        probe, identity = read.probe, self.devices.identity(device, read, doing)
         return EntryFacts(name, path, FileType.BLOCK, target=target, device=device,
-                          capacity_bytes=read.size, identity=self._identity(device, read, doing),
+                          capacity_bytes=read.size, identity=identity,
                           partitions=partitions, holders=holders, signatures=probe.types,
                           partition_table=probe.table.type if probe.table else None)
 
@@ -280,107 +386,16 @@ class HostReader:
 
     def _read_identity(self, device: str, fs_type: str | None, doing: Doing) -> dict[str, str]:
         doing("reading sysfs")
-        node = self.device_node(device)
+        node = self.devices.node(device)
         if node is None:
             return {}
         try:
-            read = self._read_device(node, device, doing, loop=True)
+            read = self.devices.read(node, device, doing, loop=True)
         except OSError:
             return {}
         if read is None:
             return {}
-        return self._identity(device, read, doing, fs_type, node)
-
-    def _read_device(self, path: str, device: str, doing: Callable[[str], None],
-                     loop: bool) -> DeviceRead | None:
-        """Open a device node and read its size, its signatures and (`loop`) its loop status.
-        None when the node is not the block device `device` (any more)."""
-        doing("opening the device")
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISBLK(st.st_mode) or _devno(st.st_rdev) != device:
-                return None
-            doing("reading the device size")
-            size = int(struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8))[0])
-            doing("reading the device")
-            chunks = {off: os.pread(fd, length, off) for off, length in signatures.regions(size)}
-            backing = ""
-            if loop and self._is_loop(device):
-                doing("reading the loop status")
-                backing = _loop_status(fd)
-            return DeviceRead(size, signatures.probe(chunks, size), backing)
-        finally:
-            os.close(fd)
-
-    def _is_loop(self, device: str) -> bool:
-        major = device.split(":", 1)[0]
-        return major == str(LOOP_MAJOR) or Path(self.sys_block, device, "loop").is_dir()
-
-    def _identity(self, device: str, read: DeviceRead | None, doing: Callable[[str], None],
-                  fs_type: str | None = None, node: str | None = None) -> dict[str, str]:
-        """What identifies the disk behind a device number. The device's own bytes win over
-        udev's database, which can be stale (a disk reformatted while udev was not looking).
-        `node`: the device's node, when the caller has just looked it up."""
-        doing("reading udev data")
-        props = self.udev_properties(device)
-        if node is None:
-            node = self.device_node(device)
-        by_id = self._links_to(node, "disk/by-id") if node else []
-        udev_uuid = props.get("ID_FS_UUID", "")
-        if not udev_uuid and node and read is None:
-            by_uuid = self._links_to(node, "disk/by-uuid")
-            udev_uuid = by_uuid[0] if by_uuid else ""
-        if read is not None:
-            fs_uuid = read.probe.fs_uuid(fs_type)
-            pt_uuid = read.probe.table.uuid if read.probe.table else ""
-            if udev_uuid and udev_uuid != fs_uuid:
-                self._disagree(device, udev_uuid, fs_uuid)
-        else:
-            fs_uuid, pt_uuid = udev_uuid, props.get("ID_PART_TABLE_UUID", "")
-        return compose_identity(props, by_id, fs_uuid, pt_uuid,
-                                read.loop_backing if read is not None else "")
-
-    def _disagree(self, device: str, udev_uuid: str, own: str) -> None:
-        with self._lock:
-            if (device, udev_uuid, own) in self._disagreements:
-                return
-            self._disagreements.add((device, udev_uuid, own))
-        log.warning("device %s: udev's database says filesystem UUID %s, the device itself %s; "
-                    "using the device's", device, udev_uuid, own or "(none)")
-
-    def udev_properties(self, device: str) -> dict[str, str]:
-        """udev's database entry for a block device (`E:KEY=VALUE` lines), if udev runs."""
-        try:  # os.path, not pathlib: called for every entry on every pass
-            with open(os.path.join(self.udev_data, f"b{device}"), errors="replace") as f:
-                text = f.read()
-        except OSError:
-            return {}
-        return dict(
-            line[2:].split("=", 1) for line in text.splitlines()
-            if line.startswith("E:") and "=" in line
-        )
-
-    def device_node(self, device: str) -> str | None:
-        try:
-            with open(os.path.join(self.sys_block, device, "uevent")) as f:
-                uevent = f.read()
-        except OSError:
-            return None
-        for line in uevent.splitlines():
-            if line.startswith("DEVNAME="):
-                return os.path.join(self.dev_dir, line.split("=", 1)[1])
-        return None
-
-    def _links_to(self, node: str, subdir: str) -> list[str]:
-        """Names of the /dev/disk/... symlinks that resolve to a device node, preferring WWNs."""
-        base = Path(self.dev_dir, subdir)
-        try:
-            names = [p.name for p in base.iterdir()
-                     if os.path.realpath(p) == os.path.realpath(node)]
-        except OSError:
-            return []
-        return sorted(names, key=lambda n: (not n.startswith("wwn-"), n))
+        return self.devices.identity(device, read, doing, fs_type, node)
 
     def _walk(self, calls: Mapping[str, Callable[[Doing], T]],
               interrupted: Callable[[], bool] | None = None
