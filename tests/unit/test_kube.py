@@ -179,7 +179,8 @@ def test_an_api_that_does_not_answer_is_an_error_with_status_zero(tmp_path: Path
     with pytest.raises(ApiError) as watch:
         list(kube.watch_pvs(SELECTOR, "1", timeout_seconds=1))
     assert watch.value.status == 0
-    assert kube.request_counts()[("get", "error")] == 1 and kube.request_counts()[("watch", "error")] == 1
+    counts = kube.request_counts()
+    assert counts[("get", "error")] == 1 and counts[("watch", "error")] == 1
 
 
 def test_timestamps_are_rfc3339_in_utc_to_the_second_or_the_microsecond() -> None:
