@@ -213,6 +213,32 @@ def _framing(data: bytes, priority: Sequence[bytes]) -> tuple[int, bool] | None:
     return 0, bool(target) and target[0].split(b"?", 1)[0] in priority
 
 
+class _WakePipe:
+    """Wakes the I/O thread out of `select` from another thread."""
+
+    def __init__(self) -> None:
+        self.read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self._write_fd, False)
+        self._lock = threading.Lock()
+
+    def wake(self) -> None:
+        with self._lock, contextlib.suppress(BlockingIOError):  # full: it wakes anyway
+            if self._write_fd >= 0:
+                os.write(self._write_fd, b"x")
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.read_fd, 4096):
+                pass
+
+    def close(self) -> None:
+        with self._lock:  # a late worker must not write to a reused fd number
+            fds, self.read_fd, self._write_fd = (self.read_fd, self._write_fd), -1, -1
+        for fd in fds:
+            os.close(fd)
+
+
 class _Workers:
     """The threads that run the app: `count` for ordinary requests, `priority` for the
     priority paths, each set fed by its own queue."""
@@ -274,10 +300,8 @@ class BoundedServer:
                                "GATEWAY_INTERFACE": "CGI/1.1", "SCRIPT_NAME": "",
                                "CONTENT_LENGTH": "", "REMOTE_HOST": ""}, app)
         self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
+        self._wake = _WakePipe()
+        self._selector.register(self._wake.read_fd, selectors.EVENT_READ, _WAKE)
         self._conns: set[_Conn] = set()
         self._lock = threading.Lock()  # conn.state between the I/O thread and the workers
         self._done: list[tuple[_Conn, bytes]] = []
@@ -312,7 +336,7 @@ class BoundedServer:
         if self._stopping:
             return
         self._stopping = True
-        self._wake()
+        self._wake.wake()
         if self._thread.ident is None:
             self._workers.stop(time.monotonic())
             self._close_all()
@@ -337,12 +361,7 @@ class BoundedServer:
             self._handler_failing.over()
         with self._lock:
             self._done.append((conn, response))
-        self._wake()
-
-    def _wake(self) -> None:
-        with self._lock, contextlib.suppress(BlockingIOError):  # full: it wakes anyway
-            if self._wake_w >= 0:
-                os.write(self._wake_w, b"x")
+        self._wake.wake()
 
     # The I/O thread: everything that touches a socket.
 
@@ -366,9 +385,7 @@ class BoundedServer:
             if key.data is _LISTENER:
                 self._accept()
             elif key.data is _WAKE:
-                with contextlib.suppress(BlockingIOError):
-                    while os.read(self._wake_r, 4096):
-                        pass
+                self._wake.drain()
             else:
                 conn = cast(_Conn, key.data)
                 if conn.state == _READING:
@@ -509,7 +526,4 @@ class BoundedServer:
             self._close(conn)
         self._selector.close()
         self._listener.close()
-        with self._lock:  # a late worker must not write to a reused fd number
-            fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
-        for fd in fds:
-            os.close(fd)
+        self._wake.close()
