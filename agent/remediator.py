@@ -246,7 +246,6 @@ class Remediator:
         self.options = options
         self.identity = identity
         self.interval = interval  # seconds between passes when nothing wakes it
-        self.count = count
         self.stop = threading.Event()
         self._wake = threading.Event()
         self.nodes = Informer(kube, "nodes", self.stop, self.wake)
@@ -427,10 +426,10 @@ class Remediator:
         except ApiError as exc:
             if exc.conflict or exc.not_found:
                 log.info("%s changed before its deletion; deciding again: %s", what, exc)
-                self.count(c.trigger.value, "conflict")
+                self.said.count(c.trigger.value, "conflict")
                 return True
             log.warning("could not delete %s: %s", what, exc)
-            self.count(c.trigger.value, "failed")
+            self.said.count(c.trigger.value, "failed")
             return True
         self.rate.record(time.monotonic())
         self.said.claim(c, d, ref, "Normal", "ClaimRemediated",
@@ -463,10 +462,10 @@ class Remediator:
         except ApiError as exc:
             if exc.conflict or exc.not_found:
                 log.info("%s changed before its deletion; deciding again: %s", what, exc)
-                self.count(trigger, "conflict")
+                self.said.count(trigger, "conflict")
                 return
             log.warning("could not delete %s: %s", what, exc)
-            self.count(trigger, "failed")
+            self.said.count(trigger, "failed")
             return
         self.said.report(ref, "Normal", "VolumeRemediated", f"Deleted {what}; its data was not "
                          "touched (if the node comes back, its agent cleans the disk and offers it "
@@ -604,7 +603,7 @@ def main(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_CONFIG
     controller = Remediator(kube, options, identity, lease, args.stale_pv_discovery_interval)
-    controller.count = RemediationMetrics(metrics, controller.sample).count
+    controller.said.count = RemediationMetrics(metrics, controller.sample).count
     # SIGTERM and SIGINT are blocked before any thread starts (threads inherit the mask) and
     # taken with sigtimedwait below: no handler runs in a thread holding a lock.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
