@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
 
+from urllib3 import HTTPConnectionPool, ProxyManager, Timeout
 from urllib3.exceptions import HTTPError
 
 
@@ -79,6 +80,7 @@ COMPONENT = "localpv-agent"
 THROTTLE_RETRIES = 5  # 429s taken per request before it fails (the next pass tries again)
 THROTTLE_WAIT_MAX = 10.0  # seconds waited after one 429, whatever Retry-After says
 THROTTLE_BACKOFF = 0.5  # first wait after a 429 without Retry-After, doubling to the max
+AUTH_REFRESH = 1.0  # seconds the auth headers (a token's) are reused before asking the client
 
 
 class ApiError(Exception):
@@ -564,35 +566,65 @@ def _camel(name: str) -> str:
 
 
 class _Rest:
-    """Requests over the client's RESTClientObject, authenticated as its ApiClient would."""
+    """Requests over the client's RESTClientObject's connections (TLS, proxy, pool size, no
+    retries), authenticated as its ApiClient would.
+
+    Lean on purpose: the agent's writes come a thousand at once when disks are mounted together,
+    and every microsecond of the client's own per-request work is CPU the apiserver on the same
+    node does not get. So a request goes straight to the host's connection pool (the pool
+    manager's URL parsing and pool lookup, and the client's content-type checks, are per
+    request), and the auth headers are refreshed at most once a second (the client's refresh
+    hook re-applies the whole kubeconfig, the proxy environment lookup included, each time).
+    """
 
     def __init__(self, cfg: Configuration) -> None:
         self.configuration = cfg
         self._rest = RESTClientObject(cfg)
+        manager = self._rest.pool_manager
+        # Through an HTTP proxy the manager rewrites each request; otherwise the host's pool.
+        self._pool: HTTPConnectionPool | None = (
+            None if isinstance(manager, ProxyManager) else manager.connection_from_url(cfg.host))
+        self._auth: tuple[float, dict[str, str]] | None = None  # (when, headers)
+
+    def _auth_headers(self) -> dict[str, str]:
+        now = time.monotonic()
+        cached = self._auth  # replaced whole: threads may share it without a lock
+        if cached is None or now - cached[0] >= AUTH_REFRESH:
+            auths: dict[str, Any] = dict(self.configuration.auth_settings())  # refreshes tokens
+            cached = self._auth = (now, {a["key"]: a["value"] for a in auths.values()
+                                         if a["in"] == "header" and a["value"]})
+        return cached[1]
 
     def request(  # noqa: PLR0913 - the generated methods' options, passed through
             self, verb: str, path: str, query: Mapping[str, Any], body: Any = None, *,
-            content_type: str | None = None, timeout: Any = None) -> Any:
+            content_type: str | None = None, timeout: float | None = None) -> Any:
         """The urllib3 response of a 2xx answer, unread; ApiException for any other status."""
         params = {_camel(k): ("true" if v is True else "false" if v is False else v)
                   for k, v in query.items() if v is not None and v != ""}
-        url = self.configuration.host + path + (f"?{urlencode(params)}" if params else "")
+        target = path + (f"?{urlencode(params)}" if params else "")
         headers = {"Accept": "application/json", "User-Agent": COMPONENT}
+        data = None
         if body is not None:
             if content_type is None and verb == "PATCH":
                 content_type = ("application/json-patch+json" if isinstance(body, list)
                                 else "application/strategic-merge-patch+json")
             headers["Content-Type"] = content_type or "application/json"
-        auths: dict[str, Any] = dict(self.configuration.auth_settings())  # refreshes tokens
-        for auth in auths.values():
-            if auth["in"] == "header" and auth["value"]:
-                headers[auth["key"]] = auth["value"]
-        response: RESTResponse = self._rest.request(verb, url, headers=headers, body=body,
-                                                    _request_timeout=timeout)
+            data = json.dumps(body).encode()
+        headers.update(self._auth_headers())
+        options: dict[str, Any] = {
+            "body": data, "headers": headers, "preload_content": False,
+            "timeout": Timeout(total=timeout) if timeout else Timeout.DEFAULT_TIMEOUT}
+        if self._pool is not None:
+            response = self._pool.urlopen(verb, target, redirect=False, assert_same_host=False,
+                                          **options)
+        else:
+            response = self._rest.pool_manager.urlopen(verb, self.configuration.host + target,
+                                                       **options)
         if not 200 <= response.status <= 299:
-            response.read()
-            raise ApiException.from_response(http_resp=response, body=None, data=None)
-        return response.response
+            answer = RESTResponse(response)
+            answer.read()
+            raise ApiException.from_response(http_resp=answer, body=None, data=None)
+        return response
 
 
 class _Group:

@@ -54,6 +54,26 @@ def test_reads_of_nodes_storage_classes_and_pvs(api: tuple) -> None:
     assert observed[0][:2] == ("get", "ok")
 
 
+def test_a_token_is_refreshed_at_most_once_a_second_not_per_request(
+        api: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    kube, _, seen, _ = api
+    refreshed: list[int] = []
+
+    def refresh(cfg: Any) -> None:  # what a kubeconfig's or the in-cluster loader's hook does
+        refreshed.append(1)
+        cfg.api_key["BearerToken"] = f"Bearer token-{len(refreshed)}"
+
+    kube._api.configuration.refresh_api_key_hook = refresh
+    for _ in range(3):
+        assert kube.get_storage_class("local-storage") is not None
+    assert len(refreshed) == 1 and len(seen) == 3
+    monkeypatch.setattr("agent.kube.AUTH_REFRESH", 0.0)  # a second later, every time
+    kube.get_storage_class("local-storage")
+    kube.get_storage_class("local-storage")
+    assert len(refreshed) == 3
+    assert kube._api._auth_headers() == {"authorization": "Bearer token-4"}
+
+
 def test_lists_are_paged_and_filtered_by_label(api: tuple) -> None:
     kube, fake, seen, _ = api
     for i in range(5):
