@@ -47,6 +47,7 @@ class Waker:
         self.first_wake: float | None = None  # monotonic time of the oldest unserved wake-up
         self._alarms: list[float] = []
         self._lock = threading.Lock()
+        self._scheduled = False  # the Event is set by `wake`: already in the schedule
 
     def wake(self, source: str) -> None:
         with self._lock:
@@ -54,7 +55,8 @@ class Waker:
             if self.first_wake is None:
                 self.first_wake = time.monotonic()
             self.schedule.woken(source)
-            self.event.set()
+            self._scheduled = True
+            self.event.set()  # only ends the loop's wait: the schedule says when the pass is
 
     def failed(self, source: str, why: str) -> None:
         """A source lost events: count it, warn, and wake the loop for a full pass."""
@@ -82,11 +84,15 @@ class Waker:
 
     def due(self) -> float:
         """When the wake-ups so far make a pass due (monotonic; inf: none waits). The Event
-        set by anyone (the PV watch, a cleaner, shutdown) counts as a wake-up from now."""
+        set by anyone else (the PV watch, a cleaner, shutdown) counts as a wake-up from now; set
+        by `wake`, it is in the schedule already, and a wake-up that settles (a new PV made
+        Available, a new entry) keeps its settle time instead of making a pass due at once."""
         with self._lock:
             if self.event.is_set():
                 self.event.clear()  # noted in the schedule: waiting on it again must block
-                self.schedule.woken()
+                if not self._scheduled:
+                    self.schedule.woken()
+            self._scheduled = False
             return self.schedule.due()
 
     def take_first_wake(self, restart: bool = False) -> float | None:
@@ -95,6 +101,7 @@ class Waker:
         serves arrived, for the latency metric."""
         with self._lock:
             self.event.clear()
+            self._scheduled = False
             if restart:
                 self.schedule.restarted()
             else:

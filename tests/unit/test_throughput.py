@@ -343,6 +343,14 @@ def test_a_new_pv_made_available_wakes_a_settled_pass_other_changes_one_at_once(
         assert schedule.due() > time.monotonic() + AVAILABLE_SETTLE / 2  # waits for company
         schedule.woken("mount")
         assert schedule.due() <= time.monotonic()  # a mount asks for a pass now: served along
+        waker = rig.loop.waker  # the same through the Waker, whose Event ends the loop's wait
+        waker.take_first_wake()
+        waker.wake("pv-available")
+        assert rig.loop.wake.is_set()
+        assert waker.due() > time.monotonic() + AVAILABLE_SETTLE / 2  # still settles
+        assert waker.due() > time.monotonic() + AVAILABLE_SETTLE / 2
+        rig.loop.wake.set()  # set by anyone else (a fresh list, a cleaner): a pass now
+        assert waker.due() <= time.monotonic()
     finally:
         rig.close()
 
