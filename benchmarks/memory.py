@@ -62,6 +62,7 @@ PREVIOUS = ("import kubernetes\nfrom kubernetes import client\n"
 RUN_MODULES = ("agent.cli", "agent.loop", "agent.metrics", "agent.sources", "agent.udev",
                "agent.cleaner", "agent.settings")
 MIB = 2**20
+IMAGE_ARENAS = "2"  # the Dockerfile's MALLOC_ARENA_MAX; set it in the environment to compare
 
 
 def prelude(mode: str, secrets: Path | None = None) -> str:
@@ -150,6 +151,7 @@ class ModeAgent(Agent):
         code = self.prelude_code() + (
             "import sys\nfrom agent.cli import main\nsys.exit(main(sys.argv[1:]))\n")
         env = {k: v for k, v in os.environ.items() if k != "MY_NODE_NAME"}
+        env.setdefault("MALLOC_ARENA_MAX", IMAGE_ARENAS)  # as the image runs it
         flags = ["--kubeconfig", str(self.kubeconfig)]
         if self.mode == "in-cluster":
             host, _, port = self.server.removeprefix("https://").rpartition(":")
