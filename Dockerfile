@@ -15,7 +15,12 @@ FROM python:3.11-slim-bookworm
 LABEL org.opencontainers.image.title="localpv-agent" \
       org.opencontainers.image.description="Node agent that turns prepared disks into Kubernetes local PersistentVolumes"
 
-ENV PYTHONDONTWRITEBYTECODE=1 \
+# MALLOC_ARENA_MAX: glibc gives each thread that allocates an arena of its own, up to 8 per core,
+# and the agent starts a short-lived host-read thread every pass; each arena keeps what it once
+# held. Two arenas: RSS +0.08 MiB over 10,000 mount/unmount cycles instead of +3.29 MiB
+# (benchmarks/memory.py). The agent's threads mostly wait, so they do not contend for them.
+ENV MALLOC_ARENA_MAX=2 \
+    PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore

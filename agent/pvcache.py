@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
 from agent import pv as pvs
@@ -21,23 +23,31 @@ from agent.watching import follow
 
 log = logging.getLogger(__name__)
 
-GONE_KEPT = 10_000  # deleted UIDs remembered; an event that late has long been relisted
+# Deleted UIDs are remembered only as long as something about them can still arrive: a write's
+# response (30 s request timeout) or a watch event read before the deletion but applied after
+# it, or a list answered meanwhile. Ten times the request timeout, and at most this many (a
+# node's PVs, many times over): a UID per deleted PV for ever would grow without bound.
+GONE_SECONDS = 300.0
+GONE_KEPT = 1_000
 
 
 class PVCache:
     """This node's PVs by name, thread-safe; `version` is the resourceVersion to watch from
     ("" when a fresh list is needed)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
         self._pvs: dict[str, PV] = {}
-        # UIDs deleted (by this agent, or seen DELETED): a UID never comes back, so a late
-        # event or write response about one must not bring it back. Oldest forgotten first.
-        self._deleted: dict[str, None] = {}
+        # UIDs deleted (by this agent, or seen DELETED) -> when: a UID never comes back, so a
+        # late event or write response about one must not bring it back. Oldest first;
+        # forgotten after GONE_SECONDS, or sooner beyond GONE_KEPT of them.
+        self._deleted: OrderedDict[str, float] = OrderedDict()
+        self._clock = clock
         self.version = ""
 
     def replace(self, found: Mapping[str, PV], version: str) -> None:
         with self._lock:
+            self._gone("")  # forget what is old enough, even when nothing is deleted any more
             self._pvs = {n: pv for n, pv in found.items() if pvs.uid(pv) not in self._deleted}
             self.version = version
 
@@ -67,10 +77,13 @@ class PVCache:
             self._gone(uid)
 
     def _gone(self, uid: str) -> None:
+        now = self._clock()
         if uid:
-            self._deleted[uid] = None
-            if len(self._deleted) > GONE_KEPT:
-                del self._deleted[next(iter(self._deleted))]
+            self._deleted[uid] = now
+            self._deleted.move_to_end(uid)  # seen again: remembered from now
+        while self._deleted and (len(self._deleted) > GONE_KEPT
+                                 or next(iter(self._deleted.values())) <= now - GONE_SECONDS):
+            self._deleted.popitem(last=False)
 
     def put(self, pv: PV) -> None:
         """The response of this agent's own write. The watch may already have delivered a

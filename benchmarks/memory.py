@@ -16,6 +16,10 @@ Prints tables and writes JSON. Needs root (tmpfs mounts) and the control plane b
 (scripts/build-binaries). Never passes or fails on the numbers.
 
     .venv/bin/python benchmarks/memory.py [--sizes 0,1000,10000] [--cycles 200]
+
+`--tracemalloc DIR` (debugging growth, not for figures: tracing costs time and memory) starts
+tracemalloc in the cycling agent and has it dump a snapshot to DIR after the warm-up and at
+the end; the largest differences between the two are printed.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ PREVIOUS = ("import kubernetes\nfrom kubernetes import client\n"
 RUN_MODULES = ("agent.cli", "agent.loop", "agent.metrics", "agent.sources", "agent.udev",
                "agent.cleaner", "agent.settings")
 MIB = 2**20
+IMAGE_ARENAS = "2"  # the Dockerfile's MALLOC_ARENA_MAX; set it in the environment to compare
 
 
 def prelude(mode: str, secrets: Path | None = None) -> str:
@@ -70,6 +75,43 @@ def prelude(mode: str, secrets: Path | None = None) -> str:
                 f"ic.SERVICE_TOKEN_FILENAME = {str(secrets / 'token')!r}\n"
                 f"ic.SERVICE_CERT_FILENAME = {str(secrets / 'ca.crt')!r}\n")
     return ""
+
+
+# For --tracemalloc: a thread in the agent's process that dumps a snapshot to DIR/<label>.snap
+# when DIR/take (holding the label) appears, then removes DIR/take.
+TRACE = """import os, threading, time, tracemalloc
+tracemalloc.start(12)
+def _snapshots(where={where!r}):
+    take = os.path.join(where, 'take')
+    while True:
+        time.sleep(0.2)
+        if os.path.exists(take):
+            label = open(take).read().strip()
+            tracemalloc.take_snapshot().dump(os.path.join(where, label + '.snap'))
+            os.remove(take)
+threading.Thread(target=_snapshots, name='tracemalloc', daemon=True).start()
+"""
+
+
+def snapshot(where: Path, label: str) -> None:
+    """Have the traced agent dump a snapshot (see TRACE), and wait for it."""
+    (where / "take").write_text(label)
+    wait_for(lambda: not (where / "take").exists(), 120, f"the {label} snapshot")
+
+
+def trace_report(where: Path, first: str, last: str, top: int = 25) -> None:
+    """The largest growths between two snapshots, by traceback (the agent's frames first)."""
+    import tracemalloc  # noqa: PLC0415
+
+    old = tracemalloc.Snapshot.load(str(where / f"{first}.snap"))
+    new = tracemalloc.Snapshot.load(str(where / f"{last}.snap"))
+    total = sum(s.size for s in new.statistics("filename")) - sum(
+        s.size for s in old.statistics("filename"))
+    print(f"traced Python memory {first} -> {last}: {total / 1024:+.1f} KiB", file=sys.stderr)
+    for stat in new.compare_to(old, "traceback")[:top]:
+        print(f"{stat.size_diff / 1024:+9.1f} KiB {stat.count_diff:+7d} blocks", file=sys.stderr)
+        for line in stat.traceback.format(limit=6, most_recent_first=True):
+            print("      " + line.strip(), file=sys.stderr)
 
 
 def imports_only(mode: str, secrets: Path) -> dict[str, Any]:
@@ -92,17 +134,24 @@ def imports_only(mode: str, secrets: Path) -> dict[str, Any]:
 class ModeAgent(Agent):
     """The agent started in one of MODES (see the module docstring)."""
 
-    def __init__(self, mode: str, secrets: Path, server: str, *args: Any) -> None:
+    def __init__(self, mode: str, secrets: Path, server: str, *args: Any,
+                 trace: Path | None = None) -> None:
         super().__init__(*args)
         self.mode = mode
         self.secrets = secrets
         self.server = server
+        self.trace = trace  # --tracemalloc's DIR
+
+    def prelude_code(self) -> str:
+        trace = TRACE.format(where=str(self.trace)) if self.trace else ""
+        return trace + prelude(self.mode, self.secrets)
 
     def start(self) -> ModeAgent:
         self.port_file.unlink(missing_ok=True)
-        code = prelude(self.mode, self.secrets) + (
+        code = self.prelude_code() + (
             "import sys\nfrom agent.cli import main\nsys.exit(main(sys.argv[1:]))\n")
         env = {k: v for k, v in os.environ.items() if k != "MY_NODE_NAME"}
+        env.setdefault("MALLOC_ARENA_MAX", IMAGE_ARENAS)  # as the image runs it
         flags = ["--kubeconfig", str(self.kubeconfig)]
         if self.mode == "in-cluster":
             host, _, port = self.server.removeprefix("https://").rpartition(":")
@@ -147,7 +196,7 @@ def steady(agent: ModeAgent, cluster: ControlPlane, volumes: int) -> tuple[psuti
 def cycles(agent: ModeAgent, cluster: ControlPlane, proc: psutil.Process, mount_dir: Path,
            count: int) -> dict[str, Any]:
     """Mount a volume, wait for its PV; unmount it, delete the PV; `count` times. RSS after a
-    tenth of them (the warm-up) and at the end."""
+    tenth of them (the warm-up) and at the end (and snapshots then, with --tracemalloc)."""
     target = mount_dir / "vol-cycle"
     target.mkdir(parents=True, exist_ok=True)
     warm = max(1, count // 10)
@@ -164,11 +213,16 @@ def cycles(agent: ModeAgent, cluster: ControlPlane, proc: psutil.Process, mount_
                  interval=CYCLE_POLL)
         if i + 1 == warm:
             after_warmup = rss(proc)
+            if agent.trace:
+                snapshot(agent.trace, "warm")
         if (i + 1) % 500 == 0:  # progress, and the curve if the run is cut short
-            print(f"cycle {i + 1}: RSS {rss(proc):.2f} MiB, {time.monotonic() - started:.0f}s",
-                  file=sys.stderr, flush=True)
+            print(f"cycle {i + 1}: RSS {rss(proc):.2f} MiB, {proc.num_threads()} threads, "
+                  f"{time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
     time.sleep(RESYNC_SECONDS * 2)
     end = rss(proc)
+    if agent.trace:
+        snapshot(agent.trace, "end")
+        trace_report(agent.trace, "warm", "end")
     return {"mode": agent.mode, "cycles": count, "warmup_cycles": warm,
             "seconds": round(time.monotonic() - started, 1),
             "rss_after_warmup_mib": round(after_warmup, 1), "rss_end_mib": round(end, 1),
@@ -177,7 +231,8 @@ def cycles(agent: ModeAgent, cluster: ControlPlane, proc: psutil.Process, mount_
 
 
 def on_a_cluster(work: Path, secrets: Path, sizes: list[int], modes: list[str],
-                 cycle_count: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                 cycle_count: int, trace: Path | None = None
+                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Steady RSS per size and mode, then the cycles, on one control plane."""
     disks = Disks(work)
     cluster = ControlPlane(work / "cluster", build_binaries())
@@ -212,7 +267,7 @@ def on_a_cluster(work: Path, secrets: Path, sizes: list[int], modes: list[str],
             clear_node(cluster)
             mode = "in-cluster" if "in-cluster" in modes else modes[-1]
             agent = ModeAgent(mode, secrets, cluster.server, NODE, config, kubeconfig, work,
-                              "--resync-period", str(RESYNC_SECONDS))
+                              "--resync-period", str(RESYNC_SECONDS), trace=trace)
             try:
                 proc, _ = steady(agent, cluster, VOLUMES)
                 churn = cycles(agent, cluster, proc, mount_dir, cycle_count)
@@ -234,14 +289,18 @@ def main() -> int:
     parser.add_argument("--cycles", type=int, default=200,
                         help="mount/unmount cycles (in-cluster mode); 0 for none")
     parser.add_argument("--json", default="benchmarks/results/memory.json")
+    parser.add_argument("--tracemalloc", metavar="DIR", type=Path,
+                        help="debugging: trace the cycling agent's allocations, snapshots to DIR")
     args = parser.parse_args()
+    if args.tracemalloc:
+        args.tracemalloc.mkdir(parents=True, exist_ok=True)
     sizes = sorted(int(s) for s in args.sizes.split(","))
     modes = args.modes.split(",")
     work = Path(tempfile.mkdtemp(prefix="localpv-bench."))
     secrets = work / "secrets"
     secrets.mkdir()
     imports = [imports_only(mode, secrets) for mode in modes]
-    rows, churn = on_a_cluster(work, secrets, sizes, modes, args.cycles)
+    rows, churn = on_a_cluster(work, secrets, sizes, modes, args.cycles, args.tracemalloc)
 
     table(("imports of", "RSS MiB", "modules"),
           [(i["mode"], i["rss_mib"], i["modules"]) for i in imports])

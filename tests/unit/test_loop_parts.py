@@ -16,7 +16,7 @@ from agent.events import EventRecorder
 from agent.kube import ApiError
 from agent.notices import Notice, Once, Reason, Scope
 from agent.pv import CleaningRecord, CleaningState
-from agent.pvcache import GONE_KEPT, PVCache, PVWatcher
+from agent.pvcache import GONE_KEPT, GONE_SECONDS, PVCache, PVWatcher
 from agent.volumes import NodeInfo
 from devkit.fake_kube import FakeKube
 from tests.unit.rig import CLASS, NODE, Rig, eventually
@@ -163,6 +163,27 @@ def test_a_response_overtaken_by_its_deleted_event_does_not_bring_the_pv_back() 
     for i in range(GONE_KEPT + 10):  # what is remembered stays bounded
         cache.apply("DELETED", {"metadata": {"name": f"x{i}", "uid": f"x{i}"}})
     assert len(cache._deleted) == GONE_KEPT
+
+
+def test_a_deleted_uid_is_forgotten_once_nothing_late_can_arrive_about_it() -> None:
+    """Over 10,000 mount/unmount cycles a UID kept per deleted PV grew the agent by a MiB:
+    a UID is kept GONE_SECONDS, long enough for any late response, event or list."""
+    now = [0.0]
+    cache = PVCache(clock=lambda: now[0])
+    old = {"metadata": {"name": "p", "uid": "u", "resourceVersion": "20"}}
+    cache.forget("p", "u")
+    now[0] = GONE_SECONDS - 1
+    cache.forget("q", "w")
+    cache.put(old)  # still within the window: a late response changes nothing
+    assert cache.get("p") is None
+    now[0] = GONE_SECONDS + 1
+    cache.replace({}, "30")  # a relist forgets the old ones even with no delete since
+    assert list(cache._deleted) == ["w"]
+    now[0] = 2 * GONE_SECONDS
+    cache.apply("DELETED", {"metadata": {"name": "r", "uid": "x"}})
+    assert list(cache._deleted) == ["x"]
+    cache.put(old)  # long after: nothing late is in flight any more; the cache takes it
+    assert cache.get("p") == old
 
 
 # -- Events ------------------------------------------------------------------------------------
