@@ -294,3 +294,12 @@ def bind_claim(cluster: ControlPlane, pv: dict[str, Any], claim: str,
 def events_for(cluster: ControlPlane, kind: str, name: str) -> list[dict[str, Any]]:
     return [e for e in items(cluster, "/api/v1/events")
             if e["involvedObject"].get("kind") == kind and e["involvedObject"]["name"] == name]
+
+
+def wait_events(cluster: ControlPlane, kind: str, name: str, reason: str, timeout: float,
+                on_timeout: Callable[[], str] | None = None) -> list[dict[str, Any]]:
+    """The Events of `reason` about one object, once there is at least one. The agent posts
+    Events from a queue of their own, after the writes they are about (and behind them while
+    a pass writes), so an Event can lag the object change that a test saw first."""
+    return wait_for(lambda: [e for e in events_for(cluster, kind, name) if e["reason"] == reason],
+                    timeout, f"a {reason} Event on {kind} {name}", on_timeout)

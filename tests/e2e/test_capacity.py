@@ -27,6 +27,7 @@ from devkit.agents import (
     events_for,
     node_for_test,
     pvs_of,
+    wait_events,
     wait_for,
 )
 from devkit.controlplane import ControlPlane
@@ -107,8 +108,8 @@ def test_a_grown_disk_resizes_its_available_pv_and_is_reported_on_a_bound_one(
         after = wait_for(resized, REACT, f"the Available PV resized to {grown}",
                          on_timeout=node.agent.log)
         assert after["metadata"]["uid"] == before["metadata"]["uid"]
-        updated = [e for e in events_for(cluster, "PersistentVolume", after["metadata"]["name"])
-                   if e["reason"] == "CapacityUpdated"]
+        updated = wait_events(cluster, "PersistentVolume", after["metadata"]["name"],
+                              "CapacityUpdated", REACT, on_timeout=node.agent.log)
         assert len(updated) == 1 and updated[0]["type"] == "Normal"
 
         was = bound["spec"]["capacity"]["storage"]

@@ -23,6 +23,7 @@ from devkit.agents import (
     fs_and_block_dirs,
     node_for_test,
     pvs_of,
+    wait_events,
     wait_for,
 )
 from devkit.controlplane import ControlPlane
@@ -30,7 +31,7 @@ from devkit.disks import Disks, disks, sh
 from devkit.udevd import Udevd, settle, trigger_block_changes
 
 FS, BLOCK = "local-storage", "local-block"
-REACT = 10.0  # seconds: generous for a loaded CI machine, far below the hour-long resync
+REACT = 60.0  # seconds: generous for a loaded CI machine, far below the hour-long resync
 
 
 @dataclass
@@ -138,8 +139,8 @@ def test_unbound_pv_is_withdrawn_when_its_disk_goes(node: Node, cluster: Control
     sh("umount", str(mount))
     wait_for(lambda: node.pv("leaving") is None, REACT, "the unbound PV withdrawn",
              on_timeout=node.agent.log)
-    warnings = [e for e in events_for(cluster, "Node", node.name)
-                if e["reason"] == "VolumeWithdrawn"]
+    warnings = wait_events(cluster, "Node", node.name, "VolumeWithdrawn", REACT,
+                           on_timeout=node.agent.log)
     assert len(warnings) == 1 and pv["metadata"]["name"] in warnings[0]["message"]
     node.disks.tmpfs(node.fs_dir / "leaving")
     back = wait_for(lambda: node.pv("leaving"), REACT, "the PV offered again when remounted")

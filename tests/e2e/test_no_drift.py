@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from agent.volumes import pv_name
-from devkit.agents import REPO, Agent, events_for, items, pvs_of, wait_for
+from devkit.agents import REPO, Agent, events_for, items, pvs_of, wait_events, wait_for
 from devkit.controlplane import ControlPlane
 from devkit.disks import Disks, disks
 
@@ -107,8 +107,9 @@ def test_excluded_entry_is_one_event_and_deleted_pv_comes_back(
     assert status == 200
     wait_for(lambda: any(pv["metadata"]["name"] == victim for pv in pvs_of(cluster, "node-3")),
              30, f"{victim} recreated after a manual delete")
-    stray = [e for e in events_for(cluster, "Node", "node-3")
-             if e["reason"] == "VolumeExcluded" and "stray.txt" in e["message"]]
+    stray = wait_for(lambda: [e for e in events_for(cluster, "Node", "node-3")
+                              if e["reason"] == "VolumeExcluded" and "stray.txt" in e["message"]],
+                     60, "the VolumeExcluded Event for stray.txt")
     assert len(stray) == 1, stray  # two passes, one Event
     assert "unsupported_type" in stray[0]["message"] and stray[0]["type"] == "Warning"
 
@@ -257,7 +258,6 @@ def test_upstream_pvs_are_adopted_and_missing_class_is_disabled(
     new = by_name[pv_name("new-c", "node-4", CLASS)]
     assert new["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0][
         "matchExpressions"][0]["values"] == ["host-4"]  # the label, not the Node name
-    warnings = [e for e in events_for(cluster, "Node", "node-4")
-                if e["reason"] == "StorageClassMissing"]
+    warnings = wait_events(cluster, "Node", "node-4", "StorageClassMissing", 60)
     assert len(warnings) == 1 and "no-such-class" in warnings[0]["message"]
     assert node["metadata"]["name"] == "node-4"

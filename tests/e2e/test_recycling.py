@@ -26,6 +26,7 @@ from devkit.agents import (
     fs_and_block_dirs,
     node_for_test,
     pvs_of,
+    wait_events,
     wait_for,
 )
 from devkit.controlplane import ControlPlane
@@ -140,7 +141,7 @@ def test_filesystem_volume_is_cleaned_and_offered_again(node: Node) -> None:
     assert back["metadata"]["name"] == pv["metadata"]["name"]
     assert os.listdir(mount) == []  # everything gone, the mount point kept
     assert os.path.ismount(mount)
-    assert any(e["reason"] == "VolumeCleaned" for e in events_for(node.cluster, "Node", node.name))
+    assert wait_events(node.cluster, "Node", node.name, "VolumeCleaned", 60)
 
 
 def test_block_volume_is_wiped_by_its_cleaner_and_offered_again(node: Node) -> None:

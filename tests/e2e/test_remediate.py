@@ -20,7 +20,16 @@ import pytest
 import yaml
 
 from agent.volumes import pv_name
-from devkit.agents import REPO, Agent, api_get, events_for, items, pvs_of, wait_for
+from devkit.agents import (
+    REPO,
+    Agent,
+    api_get,
+    events_for,
+    items,
+    pvs_of,
+    wait_events,
+    wait_for,
+)
 from devkit.controlplane import ControlPlane
 from devkit.disks import disks
 from devkit.remediation import (
@@ -140,8 +149,7 @@ def test_deleted_node_replica_moves_to_the_spare_pv_and_nothing_else_changes(
                for e in remediation_events(cluster, s)}
     assert ("PersistentVolumeClaim", f"{TEMPLATE}-web-1", "ClaimRemediated") in reasons
     assert ("StatefulSet", STS, "ClaimRemediated") in reasons
-    assert any(e["reason"] == "VolumeRemediated"
-               for e in events_for(cluster, "PersistentVolume", victim["pv"]))
+    assert wait_events(cluster, "PersistentVolume", victim["pv"], "VolumeRemediated", 60)
     metrics = c.metrics()
     assert metrics['localpv_agent_remediations_total{result="claim_deleted",'
                    'trigger="node_deleted"}'] == 1

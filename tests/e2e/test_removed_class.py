@@ -12,7 +12,15 @@ import pytest
 import yaml
 
 from agent.volumes import pv_name
-from devkit.agents import Agent, bind_claim, events_for, node_for_test, pvs_of, wait_for
+from devkit.agents import (
+    Agent,
+    bind_claim,
+    events_for,
+    node_for_test,
+    pvs_of,
+    wait_events,
+    wait_for,
+)
 from devkit.controlplane import ControlPlane
 from devkit.disks import disks
 
@@ -69,8 +77,8 @@ def test_a_removed_class_withdraws_its_available_pvs_and_leaves_bound_ones(
                      "the ConfigReloaded Event", on_timeout=agent.log)
             wait_for(lambda: pv("x", removed_class) is None, REACT,
                      "the Available PV of the removed class withdrawn", on_timeout=agent.log)
-            withdrawn = [e for e in events_for(cluster, "Node", node)
-                         if e["reason"] == "VolumeWithdrawn"]
+            withdrawn = wait_events(cluster, "Node", node, "VolumeWithdrawn", REACT,
+                                    on_timeout=agent.log)
             assert len(withdrawn) == 1
             assert free["metadata"]["name"] in withdrawn[0]["message"]
             assert "no longer in the config" in withdrawn[0]["message"]
