@@ -142,6 +142,8 @@ def test_mounts_outside_the_discovery_dir_cost_no_pass(tmp_path: Path) -> None:
                 churn = (loop.state.passes - passes, loop.waker.wakeups["mount"])
                 d.tmpfs(disc / "vol1", size_mib=1)
                 assert until(lambda: pv_name("vol1", "node-1", "local") in kube.pvs, 30)
+                # the PV is written mid-pass; the pass is counted when it ends
+                assert until(lambda: loop.state.passes > passes, 30), "the pass never ended"
                 return (*churn, loop.state.passes - passes, loop.waker.wakeups["mount"])
             finally:
                 loop.shutdown()
